@@ -1,0 +1,263 @@
+// CPU kernel of fastdistill::distill_loss_cpu: loss and student gradient in one call.
+//
+// Rows run in parallel (at::parallel_for, OpenMP). Per row the logits are read from memory once
+// (bf16/fp16 rows are widened into a per-thread fp32 buffer while doing so); the later sweeps hit
+// the L2-resident row. The inner loops are branch-free over the vocabulary and compiled for
+// several x86 levels (target_clones), so GCC vectorizes them including fd::exp_f32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "fd_divergence.h"
+#include "fd_checks.h"
+
+namespace fastdistill {
+namespace {
+
+using fd::RowParams;
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FD_CLONES
+#endif
+#define FD_INLINE inline __attribute__((always_inline))
+
+// log-softmax offsets: log p_k = (x_k * a - max) - log_sum. Keeping max and log_sum apart (as
+// PyTorch's log_softmax does) preserves digits when |logits| is large: max + log_sum rounded to one
+// float loses ~1e-3 at 1e4.
+struct Offset {
+  float max = 0.0f, log_sum = 0.0f;
+};
+
+struct RowStats {
+  Offset s, t, z;
+};
+
+FD_CLONES void row_max(const float* z, const float* y, int64_t V, float* mz_out, float* my_out) {
+  float mz = -INFINITY, my = -INFINITY;
+#pragma omp simd reduction(max : mz, my)
+  for (int64_t k = 0; k < V; ++k) {
+    mz = fmaxf(mz, z[k]);
+    my = fmaxf(my, y[k]);
+  }
+  *mz_out = mz;
+  *my_out = my;
+}
+
+// Sums run in fp32 SIMD lanes over chunks of kChunk elements, and the chunk sums add up in double:
+// as accurate as PyTorch's cascade sum, at the cost of one horizontal add per chunk.
+constexpr int64_t kChunk = 64;
+
+// sum_k exp(x_k * a - shift); shift is the scaled row max (finite).
+FD_CLONES float row_sum_exp(const float* x, int64_t V, float a, float shift) {
+  double total = 0.0;
+  for (int64_t k0 = 0; k0 < V; k0 += kChunk) {
+    const int64_t k1 = std::min(V, k0 + kChunk);
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = k0; k < k1; ++k) s += fd::exp_f32(x[k] * a - shift);
+    total += s;
+  }
+  return (float)total;
+}
+
+Offset row_offset(const float* x, int64_t V, float a, float row_max) {
+  Offset o;
+  o.max = row_max * a;  // a = 1/T > 0 keeps the arg max
+  o.log_sum = o.max == -INFINITY ? 0.0f : logf(row_sum_exp(x, V, a, o.max));
+  return o;
+}
+
+// Sweeps 2 and 3 for one row (see fd_divergence.h). Returns D; writes the gradient
+// w.r.t. the raw student logits (without the hard-label one-hot) to g when WRITE.
+template <int DIV, bool WRITE, bool CE>
+FD_INLINE float row_sweeps(const RowParams& rp0, const float* z, const float* y, int64_t V, RowStats st,
+                           float scale, float* g) {
+  RowParams rp = rp0;
+  rp.div = DIV;  // constant-folds the switches in fd::row_terms / fd::grad_s
+  const float it = rp.inv_t;
+  const Offset os = st.s, ot = st.t, oz = st.z;
+  // delta = log p - log q = (y - z) / T - kd, with the row constant kd taken in double.
+  const float kd = (float)(((double)ot.max - os.max) + ((double)ot.log_sum - os.log_sum));
+  double D = 0.0, C = 0.0;
+  if (fd::needs_row_pass(DIV)) {
+    for (int64_t k0 = 0; k0 < V; k0 += kChunk) {
+      const int64_t k1 = std::min(V, k0 + kChunk);
+      float dsum = 0.0f, csum = 0.0f;
+#pragma omp simd reduction(+ : dsum, csum)
+      for (int64_t k = k0; k < k1; ++k) {
+        float d, c;
+        fd::row_terms(rp, (y[k] * it - ot.max) - ot.log_sum, (z[k] * it - os.max) - os.log_sum,
+                      (y[k] - z[k]) * it - kd, d, c);
+        dsum += d;
+        csum += c;
+      }
+      D += dsum;
+      C += csum;
+    }
+    if (!WRITE) return (float)D;
+  }
+  const float Df = (float)D, Cf = (float)C;
+  const float gc = rp.grad_coef * scale, hc = rp.hard_weight * scale;
+  double Dk = 0.0;  // D accumulated in this sweep (kl, mse)
+  for (int64_t k0 = 0; k0 < V; k0 += kChunk) {
+    const int64_t k1 = std::min(V, k0 + kChunk);
+    float dsum = 0.0f;
+#pragma omp simd reduction(+ : dsum)
+    for (int64_t k = k0; k < k1; ++k) {
+      float gk;
+      if (DIV == fd::MSE) {
+        float diff = z[k] - y[k];
+        dsum += diff * diff;
+        gk = gc * diff;
+      } else {
+        float lp = (y[k] * it - ot.max) - ot.log_sum, lq = (z[k] * it - os.max) - os.log_sum;
+        float delta = (y[k] - z[k]) * it - kd;
+        if (DIV == fd::KL) {
+          float d, c;
+          fd::row_terms(rp, lp, lq, delta, d, c);
+          dsum += d;
+        }
+        gk = WRITE ? gc * fd::grad_s(rp, lp, lq, delta, Df, Cf) : 0.0f;
+      }
+      if (CE) gk += hc * fd::exp_f32((z[k] - oz.max) - oz.log_sum);
+      if (WRITE) g[k] = gk;
+    }
+    Dk += dsum;
+  }
+  if (DIV == fd::MSE) return (float)Dk * rp.inv_v;
+  return DIV == fd::KL ? (float)Dk : Df;
+}
+
+template <int DIV>
+FD_INLINE float row_sweeps_div(const RowParams& rp, const float* z, const float* y, int64_t V, RowStats st,
+                               float scale, float* g, bool ce) {
+  if (g != nullptr) {
+    return ce ? row_sweeps<DIV, true, true>(rp, z, y, V, st, scale, g)
+              : row_sweeps<DIV, true, false>(rp, z, y, V, st, scale, g);
+  }
+  return row_sweeps<DIV, false, false>(rp, z, y, V, st, scale, g);
+}
+
+FD_CLONES float row_divergence(const RowParams& rp, const float* z, const float* y, int64_t V, RowStats st,
+                               float scale, float* g, bool ce) {
+  switch (rp.div) {
+    case fd::KL: return row_sweeps_div<fd::KL>(rp, z, y, V, st, scale, g, ce);
+    case fd::REVERSE_KL: return row_sweeps_div<fd::REVERSE_KL>(rp, z, y, V, st, scale, g, ce);
+    case fd::JSD: return row_sweeps_div<fd::JSD>(rp, z, y, V, st, scale, g, ce);
+    case fd::TVD: return row_sweeps_div<fd::TVD>(rp, z, y, V, st, scale, g, ce);
+    case fd::SKEW_KL: return row_sweeps_div<fd::SKEW_KL>(rp, z, y, V, st, scale, g, ce);
+    case fd::SKEW_REVERSE_KL: return row_sweeps_div<fd::SKEW_REVERSE_KL>(rp, z, y, V, st, scale, g, ce);
+    default: return row_sweeps_div<fd::MSE>(rp, z, y, V, st, scale, g, ce);
+  }
+}
+
+template <typename T>
+const float* widen(const T* src, int64_t V, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    float* dst = buf.data();
+    for (int64_t k = 0; k < V; ++k) dst[k] = static_cast<float>(src[k]);
+    return dst;
+  }
+}
+
+template <typename S, typename Tt>
+void distill_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels, float scale,
+                  const RowParams& rp, int64_t ignore_index, at::Tensor& loss, at::Tensor* grad) {
+  const int64_t N = student.size(0), V = student.size(1);
+  const int64_t ss = student.stride(0), ts = teacher.stride(0);
+  const S* sp = student.data_ptr<S>();
+  const Tt* tp = teacher.data_ptr<Tt>();
+  float* lp = loss.data_ptr<float>();
+  S* gp = grad ? grad->data_ptr<S>() : nullptr;
+  const bool ce = rp.hard_weight != 0.0f && labels != nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> zb(std::is_same_v<S, float> ? 0 : V), yb(std::is_same_v<Tt, float> ? 0 : V);
+    std::vector<float> gb(gp != nullptr && !std::is_same_v<S, float> ? V : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t label = labels ? labels[r] : 0;
+      S* grow = gp ? gp + r * V : nullptr;
+      if (labels && label == ignore_index) {
+        lp[r] = 0.0f;
+        if (grow) std::fill(grow, grow + V, S(0));
+        continue;
+      }
+      const float* z = widen(sp + r * ss, V, zb);
+      const float* y = widen(tp + r * ts, V, yb);
+      RowStats st;
+      float mz, my;
+      row_max(z, y, V, &mz, &my);
+      if (rp.div != fd::MSE) {
+        st.s = row_offset(z, V, rp.inv_t, mz);
+        st.t = row_offset(y, V, rp.inv_t, my);
+      }
+      if (ce) st.z = rp.ce_needs_own_softmax || rp.div == fd::MSE ? row_offset(z, V, 1.0f, mz) : st.s;
+      float* g = nullptr;
+      if (grow) g = std::is_same_v<S, float> ? reinterpret_cast<float*>(grow) : gb.data();
+      float D = row_divergence(rp, z, y, V, st, scale, g, ce);
+      float row = rp.soft_coef * D;
+      if (ce) {
+        row += rp.hard_weight * ((st.z.max - z[label]) + st.z.log_sum);
+        if (g) g[label] -= rp.hard_weight * scale;
+      }
+      lp[r] = row * scale;
+      if (grow && !std::is_same_v<S, float>) {
+        for (int64_t k = 0; k < V; ++k) grow[k] = static_cast<S>(g[k]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> distill_loss_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                    const std::optional<at::Tensor>& labels,
+                                                    const at::Tensor& scale, int64_t divergence,
+                                                    double temperature, double weight, double soft_weight,
+                                                    double hard_weight, bool scale_t2, int64_t ignore_index,
+                                                    bool compute_grad) {
+  check_distill_inputs(student, teacher, labels, scale, divergence, temperature, weight, at::kCPU);
+  const int64_t N = student.size(0), V = student.size(1);
+  const int64_t* lab = nullptr;
+  at::Tensor lab_c;
+  if (labels.has_value()) {
+    lab_c = labels->contiguous();
+    lab = lab_c.data_ptr<int64_t>();
+    if (hard_weight != 0.0) {
+      for (int64_t r = 0; r < N; ++r) {
+        TORCH_CHECK_VALUE(lab[r] == ignore_index || (lab[r] >= 0 && lab[r] < V), "labels: value ", lab[r],
+                          " at row ", r, " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+      }
+    }
+  }
+  at::Tensor loss = new_output({N}, student.options().dtype(at::kFloat));
+  const std::vector<int64_t> grad_shape = compute_grad ? std::vector<int64_t>{N, V} : std::vector<int64_t>{0};
+  at::Tensor grad = new_output(grad_shape, student.options());
+  const RowParams rp = fd::make_row_params((int)divergence, temperature, weight, (float)soft_weight,
+                                           (float)hard_weight, scale_t2, V);
+  const float sc = scale.to(at::kFloat).item<float>();  // CPU tensor: no device sync
+  at::Tensor* gptr = compute_grad ? &grad : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "distill_loss_cpu", [&] {
+    using S = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, teacher.scalar_type(), "distill_loss_cpu", [&] {
+      if constexpr (std::is_same_v<S, double> || std::is_same_v<scalar_t, double>) {
+        TORCH_CHECK_TYPE(false, "distill_loss_cpu: float64 logits are not supported (use float32/bf16/fp16)");
+      } else {
+        distill_rows<S, scalar_t>(student, teacher, lab, sc, rp, ignore_index, loss, gptr);
+      }
+    });
+  });
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdistill, CPU, m) { m.impl("distill_loss_cpu", &distill_loss_cpu); }
+
+}  // namespace fastdistill

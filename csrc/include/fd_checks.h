@@ -1,0 +1,55 @@
+// Argument checks shared by the CPU kernels and the CUDA bindings (ATen side only; not for .cu files).
+// The Python layer validates user input with friendlier messages; these guard direct calls of the ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+namespace fastdistill {
+
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Outputs start as NaN when FASTDISTILL_POISON=1 (the tests set it), so unwritten elements fail.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const char* poison = std::getenv("FASTDISTILL_POISON");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) return at::full(sizes, NAN, options);
+  return at::empty(sizes, options);
+}
+
+inline void check_distill_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                                 const std::optional<at::Tensor>& labels, const at::Tensor& scale,
+                                 int64_t divergence, double temperature, double weight, at::DeviceType dev) {
+  TORCH_CHECK_VALUE(student.dim() == 2, "student_logits: expected a 2-D (rows, V) tensor, got ", student.dim(), "-D");
+  TORCH_CHECK_VALUE(teacher.sizes() == student.sizes(), "teacher_logits: shape ", teacher.sizes(),
+                    " does not match student_logits ", student.sizes());
+  TORCH_CHECK_VALUE(student.size(1) > 0, "student_logits: vocabulary size must be >= 1");
+  TORCH_CHECK_TYPE(is_kernel_float(student.scalar_type()), "student_logits: dtype ", student.scalar_type(),
+                   " not supported (float32, bfloat16, float16)");
+  TORCH_CHECK_TYPE(is_kernel_float(teacher.scalar_type()), "teacher_logits: dtype ", teacher.scalar_type(),
+                   " not supported (float32, bfloat16, float16)");
+  TORCH_CHECK_VALUE(student.stride(1) == 1 && teacher.stride(1) == 1,
+                    "student_logits/teacher_logits: the vocabulary dimension must be contiguous");
+  TORCH_CHECK_VALUE(student.device().type() == dev && teacher.device() == student.device(),
+                    "student_logits/teacher_logits: expected both on ", dev, ", got ", student.device(), " and ",
+                    teacher.device());
+  if (labels.has_value()) {
+    TORCH_CHECK_TYPE(labels->scalar_type() == at::kLong, "labels: expected int64, got ", labels->scalar_type());
+    TORCH_CHECK_VALUE(labels->dim() == 1 && labels->size(0) == student.size(0), "labels: expected shape (",
+                      student.size(0), ",), got ", labels->sizes());
+    TORCH_CHECK_VALUE(labels->device() == student.device(), "labels: expected device ", student.device(),
+                      ", got ", labels->device());
+  }
+  TORCH_CHECK_VALUE(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device() == student.device(),
+                    "scale: expected a one-element float32 tensor on ", student.device());
+  TORCH_CHECK_VALUE(divergence >= 0 && divergence <= 6, "divergence: unknown code ", divergence);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0, "temperature: must be finite and > 0, got ",
+                    temperature);
+  TORCH_CHECK_VALUE(weight >= 0 && weight <= 1, "beta/skew: must be in [0, 1], got ", weight);
+}
+
+}  // namespace fastdistill

@@ -1,0 +1,1 @@
+"""Triton kernels (import triton lazily: nothing here is imported by `import fastdistill`)."""

@@ -1,0 +1,3 @@
+from fastdistill.nn.distill_loss import DistillLoss
+
+__all__ = ["DistillLoss"]

@@ -1,0 +1,32 @@
+"""DistillLoss: the fused distillation loss as an nn.Module."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastdistill.ops.distill_loss import _check_options, distill_loss
+
+
+class DistillLoss(nn.Module):
+    """`DistillLoss(**options)(student_logits, teacher_logits, labels=None)` == `distill_loss(...)`.
+
+    Options are those of fastdistill.distill_loss (divergence, temperature, beta, skew, soft_weight,
+    hard_weight, scale_t2, ignore_index, reduction, num_items, backend) and are checked here, once.
+    """
+
+    def __init__(self, *, divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                 soft_weight: float = 1.0, hard_weight: float = 0.0, scale_t2: bool = True,
+                 ignore_index: int = -100, reduction: str = "batchmean", num_items=None, backend: str = "auto"):
+        super().__init__()
+        # labels=... stands in for "labels will be given" so that hard_weight is checked without them.
+        _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...)
+        self.options = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
+                            soft_weight=soft_weight, hard_weight=hard_weight, scale_t2=scale_t2,
+                            ignore_index=ignore_index, reduction=reduction, num_items=num_items, backend=backend)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        return distill_loss(student_logits, teacher_logits, labels=labels, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "num_items" or v is not None)
