@@ -85,6 +85,8 @@ def reason(op: str, backend: str, device_type: str, dtypes: tuple[torch.dtype, .
 _warned: set[str] = set()
 
 
+# Under torch.compile the choice is made once at trace time and baked into the graph.
+@torch.compiler.assume_constant_result
 def select(op: str, backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
     if backend == "auto":
         backend = os.environ.get("FASTDISTILL_BACKEND", "auto") or "auto"

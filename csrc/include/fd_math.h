@@ -42,14 +42,4 @@ FD_HD float exp_f32(float x) {
 }
 #endif
 
-// Sum of max-shifted exponentials as (max, sum) pairs: the online-softmax merge step.
-FD_HD void softmax_merge(float& m, float& s, float m2, float s2) {
-  float mn = fmaxf(m, m2);
-  if (mn == -INFINITY) return;  // both empty: keep (-inf, 0)
-  s = s * exp_f32(m - mn) + s2 * exp_f32(m2 - mn);
-  m = mn;
-}
-
-FD_HD float lse_from(float m, float s) { return m == -INFINITY ? -INFINITY : m + logf(s); }
-
 }  // namespace fd

@@ -61,6 +61,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_rows, _grad_of_grad):
     (grad,) = ctx.saved_tensors
+    if grad.dim() == 1:
+        raise RuntimeError("distill_loss: backward through a call made with compute_grad=False")
     # One rounding into the student dtype; grad_rows stays float32 (it may be 1/accumulation_steps).
     out = torch.empty_like(grad)
     torch.mul(grad, grad_rows.unsqueeze(-1), out=out)
