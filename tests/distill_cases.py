@@ -1,6 +1,8 @@
 """Shared helper for the distill_loss tests: run a backend and the float64 oracle on the same inputs."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 import fastdistill
@@ -46,6 +48,8 @@ def check_against_oracle(backend, student, teacher, labels=None, *, seed=0, **op
     assert grad.dtype == student.dtype and grad.shape == student.shape
     mask = tvd_mask(student, teacher, options.get("temperature", 1.0)) if options.get("divergence") == "tvd" else None
     roundings = 1 if reduction == "batchmean" or student.dtype == torch.float32 else 2
+    if backend == "triton" and student.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        roundings += 1  # the interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest even)
     assert_close_to_oracle(grad, grad64, ref_grad, mask=mask, roundings=roundings, msg=f"grad {tag}")
     if labels is not None and reduction == "none":
         ignored = labels == options.get("ignore_index", -100)

@@ -32,7 +32,7 @@ inline void check_distill_inputs(const at::Tensor& student, const at::Tensor& te
                    " not supported (float32, bfloat16, float16)");
   TORCH_CHECK_TYPE(is_kernel_float(teacher.scalar_type()), "teacher_logits: dtype ", teacher.scalar_type(),
                    " not supported (float32, bfloat16, float16)");
-  TORCH_CHECK_VALUE(student.stride(1) == 1 && teacher.stride(1) == 1,
+  TORCH_CHECK_VALUE(student.size(1) == 1 || (student.stride(1) == 1 && teacher.stride(1) == 1),
                     "student_logits/teacher_logits: the vocabulary dimension must be contiguous");
   TORCH_CHECK_VALUE(student.device().type() == dev && teacher.device() == student.device(),
                     "student_logits/teacher_logits: expected both on ", dev, ", got ", student.device(), " and ",

@@ -93,12 +93,12 @@ FD_HD float sign_f(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 FD_HD void row_terms(const RowParams& rp, float lp, float lq, float delta, float& d, float& c) {
   float p = exp_f32(lp), q = exp_f32(lq);
   switch (rp.div) {
-    case KL:
-      d = p > 0.0f ? p * delta : 0.0f;
+    case KL:  // lp - lq rather than delta: exactly 0 where p == q (e.g. V = 1), like the reference
+      d = p > 0.0f ? p * (lp - lq) : 0.0f;
       c = 0.0f;
       break;
     case REVERSE_KL:
-      d = q > 0.0f ? -q * delta : 0.0f;
+      d = q > 0.0f ? q * (lq - lp) : 0.0f;
       c = 0.0f;
       break;
     case JSD: {
@@ -141,7 +141,7 @@ FD_HD float grad_s(const RowParams& rp, float lp, float lq, float delta, float D
     case KL:
       return q - p;
     case REVERSE_KL:
-      return q > 0.0f ? -q * (delta + D) : 0.0f;
+      return q > 0.0f ? q * ((lq - lp) - D) : 0.0f;
     case JSD:
       return q > 0.0f ? -rp.w1m * q * (lmq + C) : 0.0f;
     case TVD:

@@ -5,6 +5,8 @@ a [rows, V] float32 temporary: sweep 1 softmax statistics, sweep 2 (divergences 
 constant) D and C, sweep 3 gradient (and D for kl/mse). Accumulators are per-lane vectors summed
 once at the end: fixed order, no atomics, bitwise deterministic.
 """
+import struct
+
 import triton
 import triton.language as tl
 
@@ -63,10 +65,10 @@ def _row_terms(lp, lq, delta, w, w1m, log_w, log_1mw, DIV: tl.constexpr):
     p = tl.exp(lp)
     q = tl.exp(lq)
     c = tl.zeros_like(lp)
-    if DIV == KL:
-        d = tl.where(p > 0, p * delta, 0.0)
+    if DIV == KL:  # lp - lq rather than delta: exactly 0 where p == q (e.g. V = 1)
+        d = tl.where(p > 0, p * (lp - lq), 0.0)
     elif DIV == REVERSE_KL:
-        d = tl.where(q > 0, -q * delta, 0.0)
+        d = tl.where(q > 0, q * (lq - lp), 0.0)
     elif DIV == TVD:
         d = 0.5 * tl.abs(p - q)
         c = 0.5 * q * _sign(q - p)
@@ -92,7 +94,7 @@ def _grad_s(lp, lq, delta, D, C, w, w1m, log_w, log_1mw, DIV: tl.constexpr):
     if DIV == KL:
         g = q - p
     elif DIV == REVERSE_KL:
-        g = tl.where(q > 0, -q * (delta + D), 0.0)
+        g = tl.where(q > 0, q * ((lq - lp) - D), 0.0)
     elif DIV == TVD:
         g = q * (0.5 * _sign(q - p) - C)
     else:
@@ -215,6 +217,12 @@ def _distill_loss_kernel(
     tl.store(LOSS + row, tl.where(valid, loss * scale, 0.0))
 
 
+def _f32(x: float) -> float:
+    """Round to a float32 value: Triton types a float argument as fp64 when float32 cannot hold it
+    exactly (e.g. beta = 1e-300), which would turn the whole kernel into fp64 math."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def pick_block_v(V: int, interpret: bool) -> int:
     cap = 1024 if interpret else 8192
     return max(16, min(cap, triton.next_power_of_2(V)))
@@ -235,7 +243,9 @@ def distill_loss_triton_launch(student, teacher, labels, scale, loss, grad, *, d
     _distill_loss_kernel[(N,)](
         student, student.stride(0), teacher, teacher.stride(0),
         labels if labels is not None else loss, scale, loss, grad if write else student, V,
-        inv_t, w, 1.0 - w, log_w, log_1mw, soft_coef, grad_coef, 1.0 / V, hard_weight, ignore_index,
+        *(_f32(x) for x in (inv_t, w, 1.0 - w, log_w, log_1mw, soft_coef, grad_coef, 1.0 / V, hard_weight)),
+        ignore_index,
         DIV=divergence, HAS_LABELS=labels is not None, CE=ce, CE_OWN=ce and (inv_t != 1.0 or divergence == MSE),
         WRITE=write, BLOCK_V=block_v, num_warps=num_warps,
+        enable_fp_fusion=False,  # x / T - max must be exactly 0 at the max, as in the C++ kernels
     )
