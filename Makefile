@@ -1,0 +1,36 @@
+# make demo | make test | make bench — each creates .venv, installs the pinned dev deps and builds
+# the extension (fastdistill._C) first, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py
+EXT := $(VENV)/.ext-built
+
+.PHONY: demo test bench build clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): requirements-dev.txt | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Editable install: builds fastdistill._C in place (C++ CPU kernels; CUDA too when available).
+$(EXT): $(DEPS) $(EXT_SOURCES) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(EXT)
+
+demo: $(EXT)
+	$(PY) -m fastdistill demo
+
+test: $(EXT)
+	$(PY) -m pytest -q tests
+
+bench: $(EXT)
+	$(PY) benchmarks/bench_distill_loss.py
+
+clean:
+	rm -rf build *.egg-info fastdistill/_C*.so $(EXT)

@@ -1,0 +1,139 @@
+"""Benchmark harness shared by benchmarks/bench_<op>.py.
+
+Each (provider, mode) measurement runs in a fresh subprocess so that peak memory is its own:
+CUDA peak from torch.cuda.max_memory_allocated, CPU peak from the process's max RSS, both minus
+what the inputs already held. Times are medians (with 20th/80th percentiles) of timed repetitions
+after warmup; CUDA times use events. Results go to benchmarks/results/<name>.csv with the device,
+versions and date of the run, so every number in the README can be traced to a file.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def environment(device: str) -> dict:
+    try:
+        from importlib.metadata import version
+        triton_version = version("triton")
+    except Exception:  # triton not installed
+        triton_version = ""
+    import fastdistill
+
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+            "device": device_name(device), "torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version(), "fastdistill": fastdistill.__version__}
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_it(fn, *, device: str, warmup: int, reps: int, setup=None) -> list[float]:
+    """Milliseconds per call of fn() (setup() runs untimed before each call)."""
+    times = []
+    for i in range(warmup + reps):
+        arg = setup() if setup else None
+        _sync(device)
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(arg)
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn(arg)
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= warmup:
+            times.append(ms)
+    return times
+
+
+def peak_baseline(device: str) -> int:
+    """Bytes already held (call after the inputs exist); pass to peak_extra after the runs."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_extra(device: str, baseline: int) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - baseline
+    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
+
+
+def summarize(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
+    return {"median_ms": statistics.median(times), "p20_ms": q[0], "p80_ms": q[-1]}
+
+
+def copy_bandwidth_gbps(device: str, nbytes: int, reps: int = 10) -> float:
+    """Read + write bandwidth of a plain tensor copy of nbytes: the roofline for memory-bound ops."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times = time_it(lambda _: dst.copy_(src), device=device, warmup=3, reps=reps)
+    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def run_worker(script: str, spec: dict, timeout: int = 1800) -> dict:
+    """Runs `script --worker '<json spec>'` and returns the JSON dict it prints last."""
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1])
+
+
+def write_csv(name: str, rows: list[dict], directory: str = RESULTS) -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}.csv")
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return "" if v is None else str(v)

@@ -1,0 +1,5 @@
+import sys
+
+from fastdistill.cli import main
+
+sys.exit(main())
