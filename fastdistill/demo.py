@@ -1,8 +1,11 @@
 """`fastdistill demo`: a real, small distillation on scikit-learn's bundled digits (no download).
 
-Trains a teacher MLP, then the same small student twice from the same initialisation: once on
-the labels alone and once with DistillLoss (soft teacher targets + hard labels), and reports the
-three test accuracies and the time taken. Deterministic: fixed seeds and data order.
+Trains a teacher MLP on labelled digits, then the same small student twice from the same
+initialisation, in the usual distillation setting where labels are scarce but inputs are not:
+  - baseline: cross-entropy on the few labelled examples it has;
+  - distilled: DistillLoss on the teacher's whole training set (the teacher's soft targets need no
+    labels), plus cross-entropy on the same labelled examples.
+Reports the three test accuracies and the time taken. Deterministic: fixed seeds and data order.
 """
 from __future__ import annotations
 
@@ -18,16 +21,16 @@ import fastdistill
 @dataclass
 class DemoConfig:
     seed: int = 0
-    train_fraction: float = 0.25  # a small labelled set is where a teacher's soft targets help most
+    train_fraction: float = 0.1  # share of the teacher's training inputs the student has labels for
     teacher_hidden: int = 512
     student_hidden: int = 24
-    teacher_epochs: int = 60
-    student_epochs: int = 80
+    teacher_epochs: int = 40
+    student_epochs: int = 40
     batch_size: int = 64
     lr: float = 3e-3
     temperature: float = 4.0
-    soft_weight: float = 0.7
-    hard_weight: float = 0.3
+    soft_weight: float = 1.0
+    hard_weight: float = 0.5
 
 
 def load_digits(seed: int, train_fraction: float):
@@ -80,16 +83,23 @@ def run_demo(cfg: DemoConfig | None = None) -> dict:
     train(teacher, teacher_data, cfg.teacher_epochs, cfg, lambda out, idx: ce(out, teacher_data[1][idx]))
     teacher.eval()
     with torch.no_grad():
-        teacher_logits = teacher(student_data[0])
+        teacher_logits = teacher(teacher_data[0])
 
     baseline = mlp(cfg.student_hidden, cfg.seed + 2)
     train(baseline, student_data, cfg.student_epochs, cfg, lambda out, idx: ce(out, student_data[1][idx]))
 
+    # The student's labelled examples are the first len(student_data) of the teacher's inputs.
+    n_labelled = len(student_data[1])
     distilled = mlp(cfg.student_hidden, cfg.seed + 2)  # same initialisation as the baseline
-    kd = fastdistill.DistillLoss(temperature=cfg.temperature, soft_weight=cfg.soft_weight,
-                                 hard_weight=cfg.hard_weight)
-    train(distilled, student_data, cfg.student_epochs, cfg,
-          lambda out, idx: kd(out, teacher_logits[idx], student_data[1][idx]))
+    soft = fastdistill.DistillLoss(temperature=cfg.temperature, soft_weight=cfg.soft_weight)
+    hard = nn.CrossEntropyLoss(reduction="sum")
+
+    def distill_step(out, idx):
+        labelled = idx < n_labelled
+        return soft(out, teacher_logits[idx]) + cfg.hard_weight * hard(
+            out[labelled], teacher_data[1][idx[labelled]]) / len(idx)
+
+    train(distilled, teacher_data, cfg.student_epochs, cfg, distill_step)
 
     backend = fastdistill.dispatch.select("distill_loss", "auto", torch.device("cpu"), (torch.float32,))
     return {
@@ -114,8 +124,8 @@ def format_report(r: dict) -> str:
         f"test accuracy {r['teacher_accuracy']:.2%}",
         f"  student   MLP {r['student_params']:>7,d} params, {n['student']} train examples, labels only: "
         f"test accuracy {r['student_accuracy']:.2%}",
-        f"  student   MLP {r['student_params']:>7,d} params, {n['student']} train examples, DistillLoss: "
-        f"test accuracy {r['distilled_student_accuracy']:.2%}",
+        f"  student   MLP {r['student_params']:>7,d} params, same labels + DistillLoss on the teacher's "
+        f"{n['teacher']} inputs: test accuracy {r['distilled_student_accuracy']:.2%}",
         f"  distillation gain: {100 * (r['distilled_student_accuracy'] - r['student_accuracy']):+.2f} points "
         f"on {n['test']} test digits; total time {r['seconds']:.1f} s",
     ])
