@@ -73,18 +73,18 @@ def worker(spec: dict) -> dict:
     for _ in range(2):  # compile / autotune / first-touch outside the measured region
         fn(x, teacher).backward()
     x.grad = None
-    base = harness.peak_baseline(device)
-    if mode == "fwd":
-        times = harness.time_it(lambda _: fn(x, teacher), device=device, warmup=1, reps=spec["reps"])
-    elif mode == "bwd":
-        times = harness.time_it(lambda loss: loss.backward(), setup=lambda: fn(x, teacher), device=device,
-                                warmup=1, reps=spec["reps"])
-    else:
-        def full(_):
-            x.grad = None
-            fn(x, teacher).backward()
-        times = harness.time_it(full, device=device, warmup=1, reps=spec["reps"])
-    return {**harness.summarize(times), "peak_mem_mb": harness.peak_extra(device, base) / 2**20}
+    with harness.PeakMemory(device) as peak:
+        if mode == "fwd":
+            times = harness.time_it(lambda _: fn(x, teacher), device=device, warmup=1, reps=spec["reps"])
+        elif mode == "bwd":
+            times = harness.time_it(lambda loss: loss.backward(), setup=lambda: fn(x, teacher), device=device,
+                                    warmup=1, reps=spec["reps"])
+        else:
+            def full(_):
+                x.grad = None
+                fn(x, teacher).backward()
+            times = harness.time_it(full, device=device, warmup=1, reps=spec["reps"])
+    return {**harness.summarize(times), "peak_mem_mb": peak.extra / 2**20}
 
 
 def main(argv=None) -> int:

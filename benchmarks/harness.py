@@ -1,8 +1,8 @@
 """Benchmark harness shared by benchmarks/bench_<op>.py.
 
 Each (provider, mode) measurement runs in a fresh subprocess so that peak memory is its own:
-CUDA peak from torch.cuda.max_memory_allocated, CPU peak from the process's max RSS, both minus
-what the inputs already held. Times are medians (with 20th/80th percentiles) of timed repetitions
+CUDA peak from torch.cuda.max_memory_allocated, CPU peak from sampling the resident set size, both
+minus what the inputs already held. Times are medians (with 20th/80th percentiles) of timed repetitions
 after warmup; CUDA times use events. Results go to benchmarks/results/<name>.csv with the device,
 versions and date of the run, so every number in the README can be traced to a file.
 """
@@ -13,10 +13,10 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -76,20 +76,44 @@ def time_it(fn, *, device: str, warmup: int, reps: int, setup=None) -> list[floa
     return times
 
 
-def peak_baseline(device: str) -> int:
-    """Bytes already held (call after the inputs exist); pass to peak_extra after the runs."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class PeakMemory:
+    """Peak extra memory while the block runs, over what was held when it started.
+    CUDA: the caching allocator's peak. CPU: a thread samples the resident set size every 0.2 ms
+    (large tensors are mmapped, so freed memory leaves the RSS and the samples see real peaks)."""
 
+    def __init__(self, device: str):
+        self.device, self.extra = device, 0
 
-def peak_extra(device: str, baseline: int) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - baseline
-    return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(0.0002)
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = self._peak = self._rss()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.extra = torch.cuda.max_memory_allocated() - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.extra = max(0, self._peak - self._base)
+        return False
 
 
 def summarize(times: list[float]) -> dict:

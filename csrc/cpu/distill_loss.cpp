@@ -19,29 +19,31 @@ namespace {
 using fd::RowParams;
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FD_CLONES
 #endif
 #define FD_INLINE inline __attribute__((always_inline))
 
-// log-softmax offsets: log p_k = (x_k * a - max) - log_sum. Keeping max and log_sum apart (as
-// PyTorch's log_softmax does) preserves digits when |logits| is large: max + log_sum rounded to one
-// float loses ~1e-3 at 1e4.
-struct Offset {
-  float max = 0.0f, log_sum = 0.0f;
+// Softmax of one row x * a: log p_k = (x_k * a - max) - log_sum, p_k = e_k * inv_sum with
+// e_k = exp(x_k * a - max) kept from the sum (one exp per element per softmax, not two).
+// Keeping max and log_sum apart (as torch.log_softmax does) preserves digits when |logits| is
+// large: max + log_sum rounded to one float loses ~1e-3 at 1e4.
+struct Softmax {
+  float max = 0.0f, log_sum = 0.0f, inv_sum = 0.0f;
+  const float* e = nullptr;
 };
 
 struct RowStats {
-  Offset s, t, z;
+  Softmax s, t, z;
 };
 
 FD_CLONES void row_max(const float* z, const float* y, int64_t V, float* mz_out, float* my_out) {
   float mz = -INFINITY, my = -INFINITY;
 #pragma omp simd reduction(max : mz, my)
   for (int64_t k = 0; k < V; ++k) {
-    mz = fmaxf(mz, z[k]);
-    my = fmaxf(my, y[k]);
+    mz = fd::max_f32(mz, z[k]);
+    my = fd::max_f32(my, y[k]);
   }
   *mz_out = mz;
   *my_out = my;
@@ -51,35 +53,46 @@ FD_CLONES void row_max(const float* z, const float* y, int64_t V, float* mz_out,
 // as accurate as PyTorch's cascade sum, at the cost of one horizontal add per chunk.
 constexpr int64_t kChunk = 64;
 
-// sum_k exp(x_k * a - shift); shift is the scaled row max (finite).
-FD_CLONES float row_sum_exp(const float* x, int64_t V, float a, float shift) {
+// e_k = exp(x_k * a - shift) for all k; returns sum_k e_k. shift is the scaled row max (finite).
+FD_CLONES float row_exp_sum(const float* x, int64_t V, float a, float shift, float* e) {
   double total = 0.0;
   for (int64_t k0 = 0; k0 < V; k0 += kChunk) {
     const int64_t k1 = std::min(V, k0 + kChunk);
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t k = k0; k < k1; ++k) s += fd::exp_f32(x[k] * a - shift);
+    for (int64_t k = k0; k < k1; ++k) {
+      e[k] = fd::exp_f32(x[k] * a - shift);
+      s += e[k];
+    }
     total += s;
   }
   return (float)total;
 }
 
-Offset row_offset(const float* x, int64_t V, float a, float row_max) {
-  Offset o;
+Softmax row_softmax(const float* x, int64_t V, float a, float row_max, float* e) {
+  Softmax o;
   o.max = row_max * a;  // a = 1/T > 0 keeps the arg max
-  o.log_sum = o.max == -INFINITY ? 0.0f : logf(row_sum_exp(x, V, a, o.max));
+  o.e = e;
+  if (o.max == -INFINITY) {  // all -inf: undefined softmax (only reached for rows that count)
+    std::fill(e, e + V, NAN);
+    o.log_sum = o.inv_sum = NAN;
+    return o;
+  }
+  const float sum = row_exp_sum(x, V, a, o.max, e);
+  o.log_sum = logf(sum);
+  o.inv_sum = 1.0f / sum;
   return o;
 }
 
 // Sweeps 2 and 3 for one row (see fd_divergence.h). Returns D; writes the gradient
 // w.r.t. the raw student logits (without the hard-label one-hot) to g when WRITE.
 template <int DIV, bool WRITE, bool CE>
-FD_INLINE float row_sweeps(const RowParams& rp0, const float* z, const float* y, int64_t V, RowStats st,
+FD_INLINE float row_sweeps(const RowParams& rp0, const float* z, const float* y, int64_t V, const RowStats& st,
                            float scale, float* g) {
   RowParams rp = rp0;
   rp.div = DIV;  // constant-folds the switches in fd::row_terms / fd::grad_s
   const float it = rp.inv_t;
-  const Offset os = st.s, ot = st.t, oz = st.z;
+  const Softmax os = st.s, ot = st.t, oz = st.z;
   // delta = log p - log q = (y - z) / T - kd, with the row constant kd taken in double.
   const float kd = (float)(((double)ot.max - os.max) + ((double)ot.log_sum - os.log_sum));
   double D = 0.0, C = 0.0;
@@ -90,8 +103,8 @@ FD_INLINE float row_sweeps(const RowParams& rp0, const float* z, const float* y,
 #pragma omp simd reduction(+ : dsum, csum)
       for (int64_t k = k0; k < k1; ++k) {
         float d, c;
-        fd::row_terms(rp, (y[k] * it - ot.max) - ot.log_sum, (z[k] * it - os.max) - os.log_sum,
-                      (y[k] - z[k]) * it - kd, d, c);
+        fd::row_terms(rp, ot.e[k] * ot.inv_sum, os.e[k] * os.inv_sum, (y[k] * it - ot.max) - ot.log_sum,
+                      (z[k] * it - os.max) - os.log_sum, (y[k] - z[k]) * it - kd, d, c);
         dsum += d;
         csum += c;
       }
@@ -114,16 +127,17 @@ FD_INLINE float row_sweeps(const RowParams& rp0, const float* z, const float* y,
         dsum += diff * diff;
         gk = gc * diff;
       } else {
-        float lp = (y[k] * it - ot.max) - ot.log_sum, lq = (z[k] * it - os.max) - os.log_sum;
-        float delta = (y[k] - z[k]) * it - kd;
+        const float p = ot.e[k] * ot.inv_sum, q = os.e[k] * os.inv_sum;
+        const float lp = (y[k] * it - ot.max) - ot.log_sum, lq = (z[k] * it - os.max) - os.log_sum;
+        const float delta = (y[k] - z[k]) * it - kd;
         if (DIV == fd::KL) {
           float d, c;
-          fd::row_terms(rp, lp, lq, delta, d, c);
+          fd::row_terms(rp, p, q, lp, lq, delta, d, c);
           dsum += d;
         }
-        gk = WRITE ? gc * fd::grad_s(rp, lp, lq, delta, Df, Cf) : 0.0f;
+        gk = WRITE ? gc * fd::grad_s(rp, p, q, lp, lq, delta, Df, Cf) : 0.0f;
       }
-      if (CE) gk += hc * fd::exp_f32((z[k] - oz.max) - oz.log_sum);
+      if (CE) gk += hc * (oz.e[k] * oz.inv_sum);
       if (WRITE) g[k] = gk;
     }
     Dk += dsum;
@@ -133,7 +147,7 @@ FD_INLINE float row_sweeps(const RowParams& rp0, const float* z, const float* y,
 }
 
 template <int DIV>
-FD_INLINE float row_sweeps_div(const RowParams& rp, const float* z, const float* y, int64_t V, RowStats st,
+FD_INLINE float row_sweeps_div(const RowParams& rp, const float* z, const float* y, int64_t V, const RowStats& st,
                                float scale, float* g, bool ce) {
   if (g != nullptr) {
     return ce ? row_sweeps<DIV, true, true>(rp, z, y, V, st, scale, g)
@@ -142,7 +156,7 @@ FD_INLINE float row_sweeps_div(const RowParams& rp, const float* z, const float*
   return row_sweeps<DIV, false, false>(rp, z, y, V, st, scale, g);
 }
 
-FD_CLONES float row_divergence(const RowParams& rp, const float* z, const float* y, int64_t V, RowStats st,
+FD_CLONES float row_divergence(const RowParams& rp, const float* z, const float* y, int64_t V, const RowStats& st,
                                float scale, float* g, bool ce) {
   switch (rp.div) {
     case fd::KL: return row_sweeps_div<fd::KL>(rp, z, y, V, st, scale, g, ce);
@@ -181,6 +195,7 @@ void distill_rows(const at::Tensor& student, const at::Tensor& teacher, const in
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> zb(std::is_same_v<S, float> ? 0 : V), yb(std::is_same_v<Tt, float> ? 0 : V);
     std::vector<float> gb(gp != nullptr && !std::is_same_v<S, float> ? V : 0);
+    std::vector<float> es(V), et(V), ez(ce ? V : 0);  // exp(x * a - max) of each softmax
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels ? labels[r] : 0;
       S* grow = gp ? gp + r * V : nullptr;
@@ -195,10 +210,10 @@ void distill_rows(const at::Tensor& student, const at::Tensor& teacher, const in
       float mz, my;
       row_max(z, y, V, &mz, &my);
       if (rp.div != fd::MSE) {
-        st.s = row_offset(z, V, rp.inv_t, mz);
-        st.t = row_offset(y, V, rp.inv_t, my);
+        st.s = row_softmax(z, V, rp.inv_t, mz, es.data());
+        st.t = row_softmax(y, V, rp.inv_t, my, et.data());
       }
-      if (ce) st.z = rp.ce_needs_own_softmax || rp.div == fd::MSE ? row_offset(z, V, 1.0f, mz) : st.s;
+      if (ce) st.z = rp.ce_needs_own_softmax || rp.div == fd::MSE ? row_softmax(z, V, 1.0f, mz, ez.data()) : st.s;
       float* g = nullptr;
       if (grow) g = std::is_same_v<S, float> ? reinterpret_cast<float*>(grow) : gb.data();
       float D = row_divergence(rp, z, y, V, st, scale, g, ce);

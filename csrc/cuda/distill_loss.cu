@@ -125,8 +125,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t k = tid; k < V; k += kThreads) {
     const float zk = to_f(z[k]), yk = to_f(y[k]);
     if (!mse) {
-      acc_add(as, zk * it);
-      acc_add(at, yk * it);
+      acc_add(as, __fmul_rn(zk, it));
+      acc_add(at, __fmul_rn(yk, it));
     }
     if (ce_own) acc_add(az, zk);
   }
@@ -143,9 +143,9 @@ __global__ void __launch_bounds__(kThreads)
   if (fd::needs_row_pass(rp.div)) {
     for (int64_t k = tid; k < V; k += kThreads) {
       const float zk = to_f(z[k]), yk = to_f(y[k]);
+      const float lp = (__fmul_rn(yk, it) - ot.max) - ot.log_sum, lq = (__fmul_rn(zk, it) - os.max) - os.log_sum;
       float d, c;
-      fd::row_terms(rp, (yk * it - ot.max) - ot.log_sum, (zk * it - os.max) - os.log_sum, (yk - zk) * it - kd, d,
-                    c);
+      fd::row_terms(rp, expf(lp), expf(lq), lp, lq, (yk - zk) * it - kd, d, c);
       D += d;
       C += c;
     }
@@ -166,14 +166,14 @@ __global__ void __launch_bounds__(kThreads)
         Dk += diff * diff;
         gk = gc * diff;
       } else {
-        const float lp = (yk * it - ot.max) - ot.log_sum, lq = (zk * it - os.max) - os.log_sum;
-        const float delta = (yk - zk) * it - kd;
+        const float lp = (__fmul_rn(yk, it) - ot.max) - ot.log_sum, lq = (__fmul_rn(zk, it) - os.max) - os.log_sum;
+        const float p = expf(lp), q = expf(lq), delta = (yk - zk) * it - kd;
         if (rp.div == fd::KL) {
           float d, c;
-          fd::row_terms(rp, lp, lq, delta, d, c);
+          fd::row_terms(rp, p, q, lp, lq, delta, d, c);
           Dk += d;
         }
-        gk = g != nullptr ? gc * fd::grad_s(rp, lp, lq, delta, Df, Cf) : 0.0f;
+        gk = g != nullptr ? gc * fd::grad_s(rp, p, q, lp, lq, delta, Df, Cf) : 0.0f;
       }
       if (ce) gk += hc * (expf((zk - oz.max) - oz.log_sum) - (k == label ? 1.0f : 0.0f));
       if (g != nullptr) g[k] = from_f<S>(gk);

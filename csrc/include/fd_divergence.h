@@ -67,9 +67,9 @@ inline RowParams make_row_params(int div, double temperature, double w, float so
 // log(e^(a + log_wa) + e^(b + log_wb)); -inf when both terms vanish (never NaN).
 FD_HD float log_mix(float a, float log_wa, float b, float log_wb) {
   float x = a + log_wa, y = b + log_wb;
-  float mx = fmaxf(x, y);
+  float mx = max_f32(x, y);
   if (mx == -INFINITY) return -INFINITY;
-  return mx + log1pf(exp_f32(fminf(x, y) - mx));
+  return mx + log1pf(exp_f32(min_f32(x, y) - mx));
 }
 
 // log(m / p) and log(m / q) for the mixture m each divergence compares against, from
@@ -88,10 +88,10 @@ FD_HD void log_m_ratios(const RowParams& rp, float delta, float& lmp, float& lmq
 
 FD_HD float sign_f(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 
-// Per element: lp = log p, lq = log q, delta = lp - lq (see log_m_ratios).
+// Per element: p, q and their logs lp, lq, delta = lp - lq (see log_m_ratios). Callers pass p and q
+// because the CPU kernel keeps them from sweep 1 instead of recomputing exp(lp), exp(lq).
 // Sweep 2: contributions d_k (to the divergence D) and c_k (to the row constant C).
-FD_HD void row_terms(const RowParams& rp, float lp, float lq, float delta, float& d, float& c) {
-  float p = exp_f32(lp), q = exp_f32(lq);
+FD_HD void row_terms(const RowParams& rp, float p, float q, float lp, float lq, float delta, float& d, float& c) {
   switch (rp.div) {
     case KL:  // lp - lq rather than delta: exactly 0 where p == q (e.g. V = 1), like the reference
       d = p > 0.0f ? p * (lp - lq) : 0.0f;
@@ -134,8 +134,8 @@ FD_HD void row_terms(const RowParams& rp, float lp, float lq, float delta, float
 }
 
 // Sweep 3: d D / d s_k (s = student / T), given the row's D and C from sweep 2.
-FD_HD float grad_s(const RowParams& rp, float lp, float lq, float delta, float D, float C) {
-  float p = exp_f32(lp), q = exp_f32(lq), lmp = 0.0f, lmq = 0.0f;
+FD_HD float grad_s(const RowParams& rp, float p, float q, float lp, float lq, float delta, float D, float C) {
+  float lmp = 0.0f, lmq = 0.0f;
   if (rp.div == JSD || rp.div == SKEW_KL || rp.div == SKEW_REVERSE_KL) log_m_ratios(rp, delta, lmp, lmq);
   switch (rp.div) {
     case KL:
