@@ -77,8 +77,11 @@ def worker(spec: dict) -> dict:
         if mode == "fwd":
             times = harness.time_it(lambda _: fn(x, teacher), device=device, warmup=1, reps=spec["reps"])
         elif mode == "bwd":
-            times = harness.time_it(lambda loss: loss.backward(), setup=lambda: fn(x, teacher), device=device,
-                                    warmup=1, reps=spec["reps"])
+            def forward():
+                x.grad = None
+                return fn(x, teacher)
+            times = harness.time_it(lambda loss: loss.backward(), setup=forward, device=device, warmup=1,
+                                    reps=spec["reps"])
         else:
             def full(_):
                 x.grad = None

@@ -213,3 +213,14 @@ def test_auto_uses_cpu_kernel_and_info_reports_it():
     report = fastdistill.info()
     assert report["extension"]["loaded"] and report["ops"]["distill_loss"]["cpu"]["cpu"] == "ok"
     assert report["auto"]["cpu"] == "cpu" and report["versions"]["torch"] == torch.__version__
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_second_backward_through_same_loss_is_refused(backend, seed):
+    """The saved gradient is scaled in place by the first backward; a second one must not reuse it."""
+    device = backend_device(backend)
+    s = make_logits((3, 40), device=device, seed=seed).requires_grad_(True)
+    loss = fastdistill.distill_loss(s, make_logits((3, 40), device=device, seed=seed + 1), backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
