@@ -57,21 +57,16 @@ def _fake(student, teacher, labels, scale, divergence, temperature, weight, soft
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
-    ctx.used = False
 
 
 def _backward(ctx, grad_rows, _grad_of_grad):
     """Scales the saved gradient in place by the upstream gradient of each row and returns it: no
     new [rows, V] buffer (on CPU a fresh buffer costs more than the multiply, in page faults). The
-    buffer is private to this call, so the only hazard is a second backward through the same
-    graph (retain_graph=True), which is refused rather than silently scaled twice."""
+    buffer is private to this call; the only hazard, a second backward through the same graph
+    (retain_graph=True), is refused by autograd's version counter on the saved tensor."""
     (grad,) = ctx.saved_tensors
     if grad.dim() == 1:
         raise RuntimeError("distill_loss: backward through a call made with compute_grad=False")
-    if ctx.used:
-        raise RuntimeError("distill_loss: a second backward through the same loss is not supported (its "
-                           "gradient buffer was consumed by the first); compute the loss again instead")
-    ctx.used = True
     # One rounding into the student dtype; grad_rows stays float32 (it may be 1/accumulation_steps).
     if type(grad) is torch.Tensor and not torch.compiler.is_compiling():
         grad.mul_(grad_rows.unsqueeze(-1))
