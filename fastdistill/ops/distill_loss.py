@@ -57,6 +57,7 @@ def _fake(student, teacher, labels, scale, divergence, temperature, weight, soft
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # else autograd builds a [rows, V] zero "gradient" for output[1]
 
 
 def _backward(ctx, grad_rows, _grad_of_grad):
@@ -65,6 +66,8 @@ def _backward(ctx, grad_rows, _grad_of_grad):
     buffer is private to this call; the only hazard, a second backward through the same graph
     (retain_graph=True), is refused by autograd's version counter on the saved tensor."""
     (grad,) = ctx.saved_tensors
+    if grad_rows is None:  # the losses were not used (grads are not materialized as zeros)
+        return (None,) * 12
     if grad.dim() == 1:
         raise RuntimeError("distill_loss: backward through a call made with compute_grad=False")
     # One rounding into the student dtype; grad_rows stays float32 (it may be 1/accumulation_steps).
