@@ -10,8 +10,11 @@ import struct
 import triton
 import triton.language as tl
 
-KL, REVERSE_KL, JSD, TVD, SKEW_KL, SKEW_REVERSE_KL, MSE = range(7)
-NEG_INF = float("-inf")
+# Compiled (non-interpreted) Triton only lets kernels read globals that are tl.constexpr.
+KL, REVERSE_KL, JSD, TVD, SKEW_KL, SKEW_REVERSE_KL, MSE = (tl.constexpr(code) for code in range(7))
+NEG_INF = tl.constexpr(float("-inf"))
+NAN = tl.constexpr(float("nan"))
+_MSE_CODE = 6  # for the host-side launcher
 
 
 @triton.jit
@@ -212,7 +215,7 @@ def _distill_loss_kernel(
     if CE:
         # An out-of-range label yields NaN (a kernel cannot raise); the CPU backend raises instead.
         in_range = (label >= 0) & (label < V)
-        z_label = tl.load(s_row + label, mask=valid & in_range, other=float("nan")).to(tl.float32)
+        z_label = tl.load(s_row + label, mask=valid & in_range, other=NAN).to(tl.float32)
         loss += hard_weight * ((m_z - z_label) + ls_z)
     tl.store(LOSS + row, tl.where(valid, loss * scale, 0.0))
 
@@ -245,7 +248,7 @@ def distill_loss_triton_launch(student, teacher, labels, scale, loss, grad, *, d
         labels if labels is not None else loss, scale, loss, grad if write else student, V,
         *(_f32(x) for x in (inv_t, w, 1.0 - w, log_w, log_1mw, soft_coef, grad_coef, 1.0 / V, hard_weight)),
         ignore_index,
-        DIV=divergence, HAS_LABELS=labels is not None, CE=ce, CE_OWN=ce and (inv_t != 1.0 or divergence == MSE),
+        DIV=divergence, HAS_LABELS=labels is not None, CE=ce, CE_OWN=ce and (inv_t != 1.0 or divergence == _MSE_CODE),
         WRITE=write, BLOCK_V=block_v, num_warps=num_warps,
         enable_fp_fusion=False,  # x / T - max must be exactly 0 at the max, as in the C++ kernels
     )
