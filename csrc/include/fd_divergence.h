@@ -69,7 +69,7 @@ FD_HD float log_mix(float a, float log_wa, float b, float log_wb) {
   float x = a + log_wa, y = b + log_wb;
   float mx = max_f32(x, y);
   if (mx == -INFINITY) return -INFINITY;
-  return mx + log1pf(exp_f32(min_f32(x, y) - mx));
+  return mx + log1p_unit(exp_f32(min_f32(x, y) - mx));
 }
 
 // log(m / p) and log(m / q) for the mixture m each divergence compares against, from

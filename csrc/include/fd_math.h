@@ -48,4 +48,43 @@ FD_HD float exp_f32(float x) {
 }
 #endif
 
+#if defined(__CUDA_ARCH__)
+FD_HD float log1p_unit(float u) { return log1pf(u); }
+#else
+// log(x) for finite x > 0 (normal range): Cephes logf, ~1 ulp, branch-free so loops vectorize.
+FD_HD float log_f32(float x) {
+  int32_t bits;
+  memcpy(&bits, &x, sizeof(bits));
+  float e = (float)(((bits >> 23) & 0xff) - 126);  // x = m * 2^e, m in [0.5, 1)
+  bits = (bits & (int32_t)0x807fffff) | 0x3f000000;
+  float m;
+  memcpy(&m, &bits, sizeof(m));
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return (m + y) + 0.693359375f * e;
+}
+
+// log(1 + u) for u in [0, 1], accurate for tiny u too: log(w) * u / (w - 1) with w = 1 + u
+// cancels the rounding of w (Goldberg's trick). Vectorizes, unlike libm's log1pf.
+FD_HD float log1p_unit(float u) {
+  const float w = 1.0f + u;
+  const float d = w - 1.0f;
+  return d == 0.0f ? u : log_f32(w) * (u / d);
+}
+#endif
+
 }  // namespace fd
