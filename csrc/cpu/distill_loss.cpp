@@ -195,7 +195,8 @@ void distill_rows(const at::Tensor& student, const at::Tensor& teacher, const in
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> zb(std::is_same_v<S, float> ? 0 : V), yb(std::is_same_v<Tt, float> ? 0 : V);
     std::vector<float> gb(gp != nullptr && !std::is_same_v<S, float> ? V : 0);
-    std::vector<float> es(V), et(V), ez(ce ? V : 0);  // exp(x * a - max) of each softmax
+    const bool soft = rp.div != fd::MSE;  // mse compares raw logits: no softmax
+    std::vector<float> es(soft ? V : 0), et(soft ? V : 0), ez(ce ? V : 0);  // exp(x * a - max) per softmax
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels ? labels[r] : 0;
       S* grow = gp ? gp + r * V : nullptr;
@@ -209,7 +210,7 @@ void distill_rows(const at::Tensor& student, const at::Tensor& teacher, const in
       RowStats st;
       float mz, my;
       row_max(z, y, V, &mz, &my);
-      if (rp.div != fd::MSE) {
+      if (soft) {
         st.s = row_softmax(z, V, rp.inv_t, mz, es.data());
         st.t = row_softmax(y, V, rp.inv_t, my, et.data());
       }

@@ -60,6 +60,9 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # else autograd builds a [rows, V] zero "gradient" for output[1]
 
 
+_N_INPUTS = 12  # arguments of the distill_loss_<backend> ops
+
+
 def _backward(ctx, grad_rows, _grad_of_grad):
     """Scales the saved gradient in place by the upstream gradient of each row and returns it: no
     new [rows, V] buffer (on CPU a fresh buffer costs more than the multiply, in page faults). The
@@ -67,7 +70,7 @@ def _backward(ctx, grad_rows, _grad_of_grad):
     (retain_graph=True), is refused by autograd's version counter on the saved tensor."""
     (grad,) = ctx.saved_tensors
     if grad_rows is None:  # the losses were not used (grads are not materialized as zeros)
-        return (None,) * 12
+        return (None,) * _N_INPUTS
     if grad.dim() == 1:
         raise RuntimeError("distill_loss: backward through a call made with compute_grad=False")
     # One rounding into the student dtype; grad_rows stays float32 (it may be 1/accumulation_steps).
@@ -75,7 +78,7 @@ def _backward(ctx, grad_rows, _grad_of_grad):
         grad.mul_(grad_rows.unsqueeze(-1))
     else:  # traced (compile, fake/functional tensors): out of place; the compiler plans the memory
         grad = (grad * grad_rows.unsqueeze(-1)).to(grad.dtype)
-    return grad, None, None, None, None, None, None, None, None, None, None, None
+    return (grad,) + (None,) * (_N_INPUTS - 1)  # only the student gets a gradient
 
 
 torch.library.register_fake("fastdistill::distill_loss_triton")(_fake)
