@@ -22,4 +22,6 @@ def is_available() -> bool:
 
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered `fastdistill::<op>` for a dispatch key ("CPU", "CUDA")."""
-    return is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdistill::{op}", dispatch_key)
+    if not is_available() or not torch._C._dispatch_has_kernel(f"fastdistill::{op}"):  # not even defined
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdistill::{op}", dispatch_key)

@@ -53,16 +53,22 @@ def _extension_reason(backend: Backend, device_type: str) -> str | None:
     return None
 
 
+# The extension op family each op's cpu/cuda backends run (default: the op's own name). The fused
+# linear loss does its GEMMs through aten and its loss through the distill_loss kernels.
+NATIVE_FAMILY = {"fused_linear_distill_loss": "distill_loss"}
+
+
 def _table(op: str) -> dict[str, Backend]:
+    native = NATIVE_FAMILY.get(op, op)
     return {
         "triton": Backend("triton", ("cuda", "cpu"), KERNEL_DTYPES, None),
-        "cuda": Backend("cuda", ("cuda",), KERNEL_DTYPES, f"{op}_cuda"),
-        "cpu": Backend("cpu", ("cpu",), KERNEL_DTYPES, f"{op}_cpu"),
+        "cuda": Backend("cuda", ("cuda",), KERNEL_DTYPES, f"{native}_cuda"),
+        "cpu": Backend("cpu", ("cpu",), KERNEL_DTYPES, f"{native}_cpu"),
         "reference": Backend("reference", ("cuda", "cpu"), None, None),
     }
 
 
-OPS = ("distill_loss",)
+OPS = ("distill_loss", "fused_linear_distill_loss", "topk_distill_loss")
 
 
 def reason(op: str, backend: str, device_type: str, dtypes: tuple[torch.dtype, ...] = ()) -> str | None:
