@@ -1,0 +1,264 @@
+"""Reading a teacher cache: `TeacherCache`, a torch Dataset aligned with the token stream, and
+`collate_topk`, which pads a batch of its items for a DataLoader."""
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+
+from fastdistill.cache import manifest as mf
+from fastdistill.cache.manifest import TeacherCacheError
+
+_OPEN_SHARDS = 4  # safe_open handles kept per process; a shuffled DataLoader hops between shards
+
+
+class TeacherCache(Dataset):
+    """Teacher top-k log-probabilities cached on disk, one item per sequence of the token stream it
+    was built from. Item i is a dict:
+        input_ids      (L,)    int64     the tokens of dataset item i
+        topk_logprobs  (L, k)  float16 | bfloat16   log_softmax(teacher_logits / T), top k, descending
+        topk_indices   (L, k)  int32     their token ids
+    Position t holds the teacher's distribution at position t (for a causal LM: over token t + 1),
+    aligned with the student's logits at position t. Build one with `TeacherCache.build`.
+
+    Opening checks the manifest, that every shard file exists and that its tensor shapes and dtypes
+    agree with the manifest (headers only); `verify=True` also compares each file's sha256.
+    Shards are read lazily, by rows, through memory-mapped safetensors files.
+    """
+
+    def __init__(self, path: str, *, expected_vocab: Optional[int] = None, expected_k: Optional[int] = None,
+                 verify: bool = False):
+        self.path = os.fspath(path)
+        m = mf.read_manifest(self.path)
+        if not m["complete"]:
+            done = sum(s["num_sequences"] for s in m["shards"])
+            raise TeacherCacheError(
+                f"teacher cache {self.path} is incomplete ({len(m['shards'])} shards, {done} of "
+                f"{m['num_sequences']} sequences written): its build was interrupted or is still running; "
+                f"rerun TeacherCache.build (or `python -m fastdistill.cache build`) with the same arguments "
+                f"to resume it")
+        mf.check_complete_layout(m, self.path)
+        if expected_vocab is not None and m["vocab_size"] != expected_vocab:
+            raise TeacherCacheError(f"teacher cache {self.path}: vocab_size is {m['vocab_size']}, expected "
+                                    f"{expected_vocab}")
+        if expected_k is not None and m["k"] != expected_k:
+            raise TeacherCacheError(f"teacher cache {self.path}: k is {m['k']}, expected {expected_k}")
+        self._manifest = m
+        self._value_dtype = mf.VALUE_DTYPES[m["value_dtype"]]
+        self._starts = [s["first_sequence"] for s in m["shards"]]
+        for s in m["shards"]:
+            self._check_shard(s, verify)
+        self._offsets: dict[int, list[int]] = {}
+        self._handles: OrderedDict = OrderedDict()
+
+    @classmethod
+    def open(cls, path: str, *, expected_vocab: Optional[int] = None, expected_k: Optional[int] = None,
+             verify: bool = False) -> "TeacherCache":
+        """Same as TeacherCache(path, ...)."""
+        return cls(path, expected_vocab=expected_vocab, expected_k=expected_k, verify=verify)
+
+    @classmethod
+    def build(cls, path, teacher, dataset, **kwargs) -> "TeacherCache":
+        """Runs `teacher` over `dataset` and writes the cache; see fastdistill.cache.build.build_cache."""
+        from fastdistill.cache.build import build_cache
+
+        return build_cache(path, teacher, dataset, **kwargs)
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    def _file(self, shard: dict) -> str:
+        return os.path.join(self.path, shard["file"])
+
+    def _check_shard(self, s: dict, verify: bool) -> None:
+        file = self._file(s)
+        if not os.path.isfile(file):
+            raise TeacherCacheError(f"teacher cache {self.path}: shard file {s['file']} is missing (rerun build "
+                                    f"with the same arguments to rewrite it)")
+        if verify:
+            digest = mf.sha256_file(file)
+            if digest != s["sha256"]:
+                raise TeacherCacheError(f"teacher cache {self.path}: shard file {s['file']} is corrupt: sha256 "
+                                        f"{digest}, the manifest says {s['sha256']} (rerun build to rewrite it)")
+        k, n, t = self.k, s["num_sequences"], s["num_tokens"]
+        want = {"input_ids": ((t,), "I32"), "offsets": ((n + 1,), "I64"),
+                "topk_logprobs": ((t, k), {"float16": "F16", "bfloat16": "BF16"}[self._manifest["value_dtype"]]),
+                "topk_indices": ((t, k), "I32")}
+        try:
+            with safe_open(file, framework="pt") as f:
+                keys = set(f.keys())
+                got = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
+                       for name in want if name in keys}
+        except Exception as e:  # safetensors raises its own error type for torn or foreign files
+            raise TeacherCacheError(f"teacher cache {self.path}: shard file {s['file']} is unreadable ({e}); "
+                                    f"rerun build to rewrite it") from None
+        for name, (shape, dtype) in want.items():
+            if name not in got:
+                raise TeacherCacheError(f"teacher cache {self.path}: shard file {s['file']} has no tensor {name!r}")
+            if got[name] != (shape, dtype):
+                raise TeacherCacheError(f"teacher cache {self.path}: shard file {s['file']}: {name} is "
+                                        f"{got[name][1]} {list(got[name][0])}, the manifest implies {dtype} "
+                                        f"{list(shape)}")
+
+    def verify(self) -> None:
+        """Re-hashes every shard file and compares with the manifest; raises TeacherCacheError."""
+        for s in self._manifest["shards"]:
+            self._check_shard(s, verify=True)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def __getstate__(self):  # DataLoader workers under spawn pickle the dataset; handles don't pickle
+        state = self.__dict__.copy()
+        state["_handles"] = OrderedDict()
+        return state
+
+    def _handle(self, shard_index: int):
+        h = self._handles.get(shard_index)
+        if h is None:
+            h = safe_open(self._file(self._manifest["shards"][shard_index]), framework="pt")
+            self._handles[shard_index] = h
+            if len(self._handles) > _OPEN_SHARDS:
+                self._handles.popitem(last=False)
+        else:
+            self._handles.move_to_end(shard_index)
+        return h
+
+    def _shard_offsets(self, shard_index: int) -> list[int]:
+        offsets = self._offsets.get(shard_index)
+        if offsets is None:
+            s = self._manifest["shards"][shard_index]
+            offsets = self._handle(shard_index).get_tensor("offsets").tolist()
+            ok = (offsets[0] == 0 and offsets[-1] == s["num_tokens"]
+                  and all(a <= b for a, b in zip(offsets, offsets[1:])))
+            if not ok:
+                raise TeacherCacheError(f"teacher cache {self.path}: shard file {s['file']} has offsets that do not "
+                                        f"cover its {s['num_tokens']} tokens in order")
+            self._offsets[shard_index] = offsets
+        return offsets
+
+    def __len__(self) -> int:
+        return self._manifest["num_sequences"]
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self)
+        if not isinstance(index, int):
+            index = int(index)  # numpy / 0-d tensor indices from samplers
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"TeacherCache index {index} out of range for {n} sequences")
+        shard = bisect.bisect_right(self._starts, index) - 1
+        offsets = self._shard_offsets(shard)
+        j = index - self._starts[shard]
+        lo, hi = offsets[j], offsets[j + 1]
+        h = self._handle(shard)
+        # Slices read only these rows from the mmap; clone so no item pins the shard's pages.
+        return {"input_ids": h.get_slice("input_ids")[lo:hi].to(torch.int64),
+                "topk_logprobs": h.get_slice("topk_logprobs")[lo:hi].clone(),
+                "topk_indices": h.get_slice("topk_indices")[lo:hi].clone()}
+
+    # -- metadata ---------------------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the manifest (see fastdistill/cache/manifest.py for the fields)."""
+        import copy
+
+        return copy.deepcopy(self._manifest)
+
+    @property
+    def k(self) -> int:
+        return self._manifest["k"]
+
+    @property
+    def temperature(self) -> float:
+        return float(self._manifest["temperature"])
+
+    @property
+    def vocab_size(self) -> int:
+        return self._manifest["vocab_size"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of topk_logprobs."""
+        return self._value_dtype
+
+    @property
+    def num_sequences(self) -> int:
+        return self._manifest["num_sequences"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self._manifest["num_tokens"]
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._manifest["shards"])
+
+    @property
+    def teacher_name(self) -> str:
+        return self._manifest["teacher_name"]
+
+    @property
+    def teacher_hash(self) -> str:
+        return self._manifest["teacher_hash"]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of top-k values + int32 ids per token (k=64, float16: 64 * (2 + 4) = 384)."""
+        return mf.bytes_per_token(self.k, self._manifest["value_dtype"])
+
+    @property
+    def full_vocab_bytes_per_token(self) -> int:
+        """Bytes per token of the full distribution in the same dtype (vocab_size * 2)."""
+        return mf.full_vocab_bytes_per_token(self.vocab_size, self._manifest["value_dtype"])
+
+    @property
+    def compression_ratio(self) -> float:
+        """full_vocab_bytes_per_token / bytes_per_token."""
+        return self.full_vocab_bytes_per_token / self.bytes_per_token
+
+    def summary(self) -> str:
+        return mf.summarize(self._manifest, self.path)
+
+    def __repr__(self) -> str:
+        return (f"TeacherCache({self.path!r}, sequences={self.num_sequences}, tokens={self.num_tokens}, k={self.k}, "
+                f"temperature={self.temperature:g}, vocab_size={self.vocab_size}, dtype={self._manifest['value_dtype']})")
+
+
+def collate_topk(batch: Sequence[dict], *, pad_id: int = 0, pad_logprob: float = -math.inf,
+                 label_pad: int = -100) -> dict:
+    """Pads a list of TeacherCache items on the right into one batch, for DataLoader(collate_fn=...):
+        input_ids       (B, L) int64   padded with pad_id
+        attention_mask  (B, L) int64   1 on real tokens, 0 on padding
+        labels          (B, L) int64   input_ids with label_pad (-100) on padding (unshifted, as
+                                       Hugging Face causal LMs expect)
+        topk_logprobs   (B, L, k)      padded with pad_logprob (-inf: no probability mass)
+        topk_indices    (B, L, k) int32 padded with 0
+    Use functools.partial(collate_topk, pad_id=...) for other pad values. Mask padded positions out
+    of the loss (attention_mask == 0 or labels == -100): their top-k rows carry no distribution."""
+    if len(batch) == 0:
+        raise ValueError("collate_topk: empty batch")
+    lengths = [item["input_ids"].shape[0] for item in batch]
+    B, L = len(batch), max(lengths)
+    first = batch[0]["topk_logprobs"]
+    k = first.shape[-1]
+    input_ids = torch.full((B, L), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((B, L), dtype=torch.int64)
+    logprobs = torch.full((B, L, k), pad_logprob, dtype=first.dtype)
+    indices = torch.zeros((B, L, k), dtype=torch.int32)
+    for b, (item, n) in enumerate(zip(batch, lengths)):
+        if item["topk_logprobs"].shape[-1] != k:
+            raise ValueError(f"collate_topk: item {b} has k={item['topk_logprobs'].shape[-1]}, item 0 has k={k}")
+        input_ids[b, :n] = item["input_ids"]
+        attention_mask[b, :n] = 1
+        logprobs[b, :n] = item["topk_logprobs"]
+        indices[b, :n] = item["topk_indices"]
+    labels = input_ids.masked_fill(attention_mask == 0, label_pad)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "topk_logprobs": logprobs, "topk_indices": indices}
