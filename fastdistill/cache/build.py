@@ -2,17 +2,20 @@
 of each position, write them in shards with a manifest; resume an interrupted build."""
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 from safetensors.torch import save_file
 
 from fastdistill.cache import manifest as mf
-from fastdistill.cache.dataset import TeacherCache
 from fastdistill.cache.manifest import TeacherCacheError
+
+if TYPE_CHECKING:
+    from fastdistill.cache.dataset import TeacherCache
 
 
 def _positive_int(name, value):
@@ -76,8 +79,9 @@ def _logits_of(output, batch: torch.Tensor) -> torch.Tensor:
 class _Run:
     """State of one build call: the plan, the manifest being written, the teacher."""
 
-    def __init__(self, path, teacher, items, lengths, m, batch_size, device, progress):
+    def __init__(self, path, teacher, items, lengths, m, on_disk, batch_size, device, progress):
         self.path, self.teacher, self.items, self.lengths, self.m = path, teacher, items, lengths, m
+        self.on_disk = on_disk  # the manifest found in `path`, or None
         self.batch_size, self.device, self.progress = batch_size, device, progress
         self.value_dtype = mf.VALUE_DTYPES[m["value_dtype"]]
 
@@ -142,8 +146,11 @@ class _Run:
         offsets[1:] = torch.tensor([s.numel() for s in seqs], dtype=torch.int64).cumsum(0)
         tensors = {"input_ids": torch.cat(seqs).to(torch.int32), "offsets": offsets,
                    "topk_logprobs": torch.cat(values).contiguous(), "topk_indices": torch.cat(indices).contiguous()}
-        meta = {"format": mf.FORMAT, "format_version": str(mf.FORMAT_VERSION), "first_sequence": str(first),
-                "num_sequences": str(count), "k": str(self.m["k"]), "temperature": repr(self.m["temperature"])}
+        # One metadata key: safetensors writes a multi-key metadata map in random order, and the
+        # same inputs must give the same shard bytes (resume checks, reproducible hashes).
+        meta = {"fastdistill": json.dumps({"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
+                                           "first_sequence": first, "num_sequences": count, "k": self.m["k"],
+                                           "temperature": self.m["temperature"]}, sort_keys=True)}
         file = os.path.join(self.path, planned["file"])
         mf.atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return {**planned, "sha256": mf.sha256_file(file)}
@@ -156,7 +163,8 @@ class _Run:
         done = {p["file"] for p in plan if self.is_done(p, recorded.get(p["file"]))}
         self.m["shards"] = [recorded[p["file"]] for p in plan if p["file"] in done]
         self.m["complete"] = len(done) == len(plan)
-        mf.write_manifest(self.path, self.m)  # drops records of shards that failed the check
+        if self.m != self.on_disk:
+            mf.write_manifest(self.path, self.m)  # also drops records of shards that failed the check
         finished = sum(p["num_sequences"] for p in plan if p["file"] in done)
         with tqdm(total=self.m["num_sequences"], initial=finished, unit="seq", desc="teacher cache",
                   disable=not self.progress) as bar:
@@ -255,7 +263,7 @@ def build_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, 
                                         f"overwrite=True to start over (or use another directory)")
         wanted.update(vocab_size=existing["vocab_size"], shards=existing["shards"])
 
-    run = _Run(path, teacher, items, lengths, wanted, batch_size, _default_device(teacher, device), progress)
+    run = _Run(path, teacher, items, lengths, wanted, existing, batch_size, _default_device(teacher, device), progress)
     was_training = isinstance(teacher, torch.nn.Module) and teacher.training
     if isinstance(teacher, torch.nn.Module):
         teacher.eval()
@@ -265,4 +273,6 @@ def build_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, 
     finally:
         if was_training:
             teacher.train()
+    from fastdistill.cache.dataset import TeacherCache  # dataset.py imports this module
+
     return TeacherCache(path)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from fastdistill.cache import manifest as mf
+from fastdistill.cache.build import build_cache
 from fastdistill.cache.manifest import TeacherCacheError
 
 _OPEN_SHARDS = 4  # safe_open handles kept per process; a shuffled DataLoader hops between shards
@@ -63,12 +64,7 @@ class TeacherCache(Dataset):
         """Same as TeacherCache(path, ...)."""
         return cls(path, expected_vocab=expected_vocab, expected_k=expected_k, verify=verify)
 
-    @classmethod
-    def build(cls, path, teacher, dataset, **kwargs) -> "TeacherCache":
-        """Runs `teacher` over `dataset` and writes the cache; see fastdistill.cache.build.build_cache."""
-        from fastdistill.cache.build import build_cache
-
-        return build_cache(path, teacher, dataset, **kwargs)
+    build = staticmethod(build_cache)  # TeacherCache.build(path, teacher, dataset, *, k=64, ...)
 
     # -- checks -----------------------------------------------------------------------------------
 
