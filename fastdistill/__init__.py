@@ -3,8 +3,8 @@
 Importing fastdistill neither initialises CUDA nor compiles anything; the extension and triton
 load on first use.
 """
-from fastdistill.nn import DistillLoss
-from fastdistill.ops import distill_loss
+from fastdistill.nn import DistillLoss, FusedLinearDistillLoss
+from fastdistill.ops import distill_loss, fused_linear_distill_loss
 
 __version__ = "0.1.0"
 
@@ -29,4 +29,5 @@ def info() -> dict:
     return out
 
 
-__all__ = ["DistillLoss", "distill_loss", "info", "__version__"]
+__all__ = ["DistillLoss", "FusedLinearDistillLoss", "distill_loss", "fused_linear_distill_loss", "info",
+           "__version__"]

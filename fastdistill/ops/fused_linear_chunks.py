@@ -1,0 +1,143 @@
+"""The chunk loop of fused_linear_distill_loss, shared by every backend.
+
+Per chunk of tokens: both heads' logits in float32 (aten GEMMs), logit_scale / softcap in place,
+the smaller vocabulary padded with -inf, then one backend's fused loss kernel gives the row losses
+and d(loss)/d(logits) in the same pass; that gradient goes back through softcap and the GEMMs into
+d(hidden) (rows of this chunk), d(weight) (float32 accumulator) and d(bias). Only [chunk, V]
+buffers exist at a time: the full [tokens, V] logits are never materialized.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from fastdistill.reference.fused_linear_distill_loss import pad_vocab
+from fastdistill.testing import new_output
+
+# chunk_size=None: rows per chunk such that the float32 [chunk, V] buffers alive at once (student and
+# teacher logits, the logits' gradient, one temporary) fit this budget. GPU: 512 MiB keeps the extra
+# memory of an 8192 x 128256 bf16 problem near 2 GB (the float32 weight-gradient accumulator is 1 GB
+# of it) while chunks of ~256 rows still run the GEMMs near peak. CPU: small chunks stay in cache-
+# friendly sizes and keep the peak low; GEMMs of >= 64 rows are already near the machine's rate.
+CHUNK_BUDGET_BYTES = {"cuda": 512 << 20, "cpu": 64 << 20}
+_LIVE_BUFFERS = 4
+
+# loss_fn(student_logits, teacher_logits, labels, want_grad) -> (row losses float32 already times the
+# scale, d(sum of rows)/d(student_logits) float32 or None)
+LossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], bool],
+                  tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def auto_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
+    budget = CHUNK_BUDGET_BYTES.get(device.type, CHUNK_BUDGET_BYTES["cpu"])
+    rows = max(budget // (vocab * 4 * _LIVE_BUFFERS), 1)
+    if rows >= 16:
+        rows -= rows % 16  # GEMM-friendly multiples
+    return max(min(rows, n_rows), 1)
+
+
+class _Head:
+    """One model's output projection, producing float32 logits (float64 for float64 weights).
+
+    CUDA half dtypes use the GEMMs' float32 output (`out_dtype`): the tensor cores' fp32 accumulator
+    is never rounded to bf16/fp16. Elsewhere half weights are upcast once per call (CPU has no
+    mixed-dtype GEMM); float32 and float64 run as they are.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.weight, self.bias = weight, bias
+        self.dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.mixed = weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+        self.w = weight if self.mixed else weight.to(self.dtype)
+        self.b = None if bias is None else bias.to(self.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mixed:
+            out = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
+            return out if self.b is None else out.add_(self.b)
+        h = hidden.to(self.dtype)
+        return h @ self.w.t() if self.b is None else torch.addmm(self.b, h, self.w.t())
+
+    def grad_hidden(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
+        """out (rows of d(hidden), hidden's dtype) = grad_logits · weight."""
+        if self.mixed:
+            torch.mm(grad_logits.to(self.weight.dtype), self.weight, out=out)
+        elif out.dtype == self.dtype:
+            torch.mm(grad_logits, self.w, out=out)
+        else:
+            out.copy_(grad_logits @ self.w)
+
+    def accumulate_grad_weight(self, acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        """acc (float32, float64 for float64 weights) += grad_logitsᵀ · hidden."""
+        if self.mixed:
+            torch.addmm(acc, grad_logits.to(hidden.dtype).t(), hidden, out_dtype=torch.float32, out=acc)
+        else:
+            acc.addmm_(grad_logits.t(), hidden.to(self.dtype))
+
+
+def _transform_(logits: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tensor:
+    if logit_scale != 1.0:
+        logits.mul_(logit_scale)
+    if softcap > 0.0:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+def _chain_(grad: torch.Tensor, capped: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tensor:
+    """d(loss)/d(raw logits) from d(loss)/d(transformed logits), in place.
+    d/dx softcap·tanh(x / softcap) = 1 - tanh² = 1 - (capped / softcap)²."""
+    if softcap > 0.0:
+        t2 = (capped / softcap).square_()
+        grad.addcmul_(grad, t2, value=-1.0)
+    if logit_scale != 1.0:
+        grad.mul_(logit_scale)
+    return grad
+
+
+def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
+               teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
+               labels: Optional[torch.Tensor], row_weights: Optional[torch.Tensor], loss_fn: LossFn, *,
+               logit_scale: float, softcap: float, chunk_size: int, need_grad_hidden: bool,
+               need_grad_weight: bool, need_grad_bias: bool):
+    """Row losses ([N], float32; float64 for float64 weights) and the requested gradients of sum(rows · row_weights).
+
+    Returns (rows, grad_hidden, grad_weight, grad_bias); a gradient not requested is None. Gradients
+    come back in their parameter's dtype; the weight and bias gradients are accumulated in float32.
+    """
+    n_rows = student_hidden.shape[0]
+    vocab = max(student_weight.shape[0], teacher_weight.shape[0])
+    v_s = student_weight.shape[0]
+    student, teacher = _Head(student_weight, student_bias), _Head(teacher_weight, teacher_bias)
+    want_grad = need_grad_hidden or need_grad_weight or need_grad_bias
+    rows = new_output((n_rows,), like=student_hidden, dtype=student.dtype)
+    grad_hidden = new_output(student_hidden.shape, like=student_hidden) if need_grad_hidden else None
+    acc = dict(dtype=student.dtype, device=student_weight.device)  # float32 (float64) accumulators
+    grad_weight = torch.zeros(student_weight.shape, **acc) if need_grad_weight else None
+    grad_bias = torch.zeros(v_s, **acc) if need_grad_bias else None
+    for start in range(0, n_rows, chunk_size):
+        end = min(start + chunk_size, n_rows)
+        h_s = student_hidden[start:end]
+        s = _transform_(student.logits(h_s), logit_scale, softcap)
+        with torch.no_grad():
+            t = _transform_(teacher.logits(teacher_hidden[start:end]), logit_scale, softcap)
+        chunk_labels = None if labels is None else labels[start:end]
+        loss_rows, grad = loss_fn(pad_vocab(s, vocab), pad_vocab(t, vocab), chunk_labels, want_grad)
+        rows[start:end] = loss_rows
+        if not want_grad:
+            continue
+        grad = grad[:, :v_s] if vocab != v_s else grad
+        if row_weights is not None:
+            grad.mul_(row_weights[start:end].unsqueeze(-1))
+        _chain_(grad, s, logit_scale, softcap)
+        if grad_hidden is not None:
+            student.grad_hidden(grad, grad_hidden[start:end])
+        if grad_weight is not None:
+            student.accumulate_grad_weight(grad_weight, grad, h_s)
+        if grad_bias is not None:
+            grad_bias.add_(grad.sum(0))
+    if grad_weight is not None:
+        grad_weight = grad_weight.to(student_weight.dtype)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(student_bias.dtype)
+    return rows, grad_hidden, grad_weight, grad_bias

@@ -1,0 +1,267 @@
+"""fastdistill.fused_linear_distill_loss: distillation loss straight from hidden states and output heads.
+
+Custom ops (one per kernel backend, same schema), all running fused_linear_chunks.run_chunks:
+    fastdistill::fused_linear_distill_loss_cpu      aten GEMMs + the C++ distill_loss kernel
+    fastdistill::fused_linear_distill_loss_cuda     cuBLAS GEMMs (aten) + the CUDA distill_loss kernel
+    fastdistill::fused_linear_distill_loss_triton   cuBLAS GEMMs (aten) + the Triton distill_loss kernel
+The reference backend is plain PyTorch: the reference loss per chunk under activation checkpointing
+(fastdistill/reference/fused_linear_distill_loss.py).
+
+Reductions "batchmean"/"sum": the op returns the scalar loss and computes every requested gradient in
+the forward pass; backward scales them. Reduction "none": the op returns the row losses only, and
+backward runs the chunk loop again with the upstream row gradients as row weights (the weight
+gradient mixes rows, so it cannot be scaled after the fact).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from fastdistill import dispatch
+from fastdistill.ops.distill_loss import (_as_rows, _check_number, _check_options, _native_op, _resolve, _row_scale,
+                                          distill_loss_triton)
+from fastdistill.ops.fused_linear_chunks import auto_chunk_size, run_chunks
+from fastdistill.reference.distill_loss import DIVERGENCES
+from fastdistill.reference.fused_linear_distill_loss import fused_linear_distill_loss_chunked_ref
+
+_TENSORS = 9  # leading tensor arguments of the ops: 6 of the heads, labels, scale, row_weights
+
+
+@dataclass(frozen=True)
+class _Config:
+    divergence: int
+    temperature: float
+    weight: float
+    soft_weight: float
+    hard_weight: float
+    scale_t2: bool
+    ignore_index: int
+    logit_scale: float
+    softcap: float  # 0: none
+    chunk_size: int
+    reduce: bool
+    need_grad_hidden: bool
+    need_grad_weight: bool
+    need_grad_bias: bool
+
+    def loss_args(self):
+        return (self.divergence, self.temperature, self.weight, self.soft_weight, self.hard_weight, self.scale_t2,
+                self.ignore_index)
+
+
+def _kernel_loss_fn(backend: str, scale: torch.Tensor, cfg: _Config):
+    op = distill_loss_triton if backend == "triton" else _native_op(backend)
+
+    def loss_fn(student, teacher, labels, want_grad):
+        rows, grad = op(student, teacher, labels, scale, *cfg.loss_args(), want_grad)
+        return rows, (grad if want_grad else None)
+    return loss_fn
+
+
+def _forward(backend: str, tensors: tuple, cfg: _Config):
+    """(loss: scalar if cfg.reduce else [N] rows, grad_hidden, grad_weight, grad_bias); unrequested grads
+    (and all of them when not reducing) are empty tensors."""
+    sh, sw, sb, th, tw, tb, labels, scale, row_weights = tensors
+    loss_fn = _kernel_loss_fn(backend, scale, cfg)
+    rows, gh, gw, gb = run_chunks(
+        sh, sw, sb, th, tw, tb, labels, row_weights, loss_fn, logit_scale=cfg.logit_scale, softcap=cfg.softcap,
+        chunk_size=cfg.chunk_size, need_grad_hidden=cfg.reduce and cfg.need_grad_hidden,
+        need_grad_weight=cfg.reduce and cfg.need_grad_weight, need_grad_bias=cfg.reduce and cfg.need_grad_bias)
+    grads = (g if g is not None else sh.new_empty(0) for g in (gh, gw, gb))  # distinct: outputs must not alias
+    return (rows.sum() if cfg.reduce else rows, *grads)
+
+
+def _save(ctx, tensors: tuple, cfg: _Config, output) -> None:
+    ctx.cfg = cfg
+    ctx.set_materialize_grads(False)
+    if cfg.reduce:
+        ctx.save_for_backward(*output[1:])
+    else:  # backward recomputes from the inputs (references, not copies)
+        ctx.save_for_backward(*tensors[:_TENSORS - 1])
+
+
+def _backward(ctx, grad_loss, backend: str):
+    """Gradients of (student_hidden, student_weight, student_bias); None for every other input."""
+    cfg: _Config = ctx.cfg
+    if grad_loss is None:
+        return None, None, None
+    if cfg.reduce:
+        grads = list(ctx.saved_tensors)
+        for i, g in enumerate(grads):
+            if g.numel() == 0:
+                continue
+            if type(g) is torch.Tensor and not torch.compiler.is_compiling():
+                g.mul_(grad_loss)  # private buffers of this call: scaled in place, no second copy
+            else:
+                grads[i] = (g * grad_loss).to(g.dtype)
+    else:
+        recompute = _Config(**{**cfg.__dict__, "reduce": True})
+        row_weights = grad_loss.to(torch.float32).contiguous()
+        grads = list(_call(backend, (*ctx.saved_tensors, row_weights), recompute)[1:])
+    flags = (cfg.need_grad_hidden, cfg.need_grad_weight, cfg.need_grad_bias)
+    return tuple(g if flag else None for g, flag in zip(grads, flags))
+
+
+def _define_op(backend: str):
+    """fastdistill::fused_linear_distill_loss_<backend> with its fake and autograd registrations."""
+    def impl(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
+             teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
+             labels: Optional[torch.Tensor], scale: torch.Tensor, row_weights: Optional[torch.Tensor],
+             divergence: int, temperature: float, weight: float, soft_weight: float, hard_weight: float,
+             scale_t2: bool, ignore_index: int, logit_scale: float, softcap: float, chunk_size: int, reduce: bool,
+             need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                   labels, scale, row_weights)
+        cfg = _Config(divergence, temperature, weight, soft_weight, hard_weight, scale_t2, ignore_index, logit_scale,
+                      softcap, chunk_size, reduce, need_grad_hidden, need_grad_weight, need_grad_bias)
+        return _forward(backend, tensors, cfg)
+
+    op = torch.library.custom_op(f"fastdistill::fused_linear_distill_loss_{backend}", impl, mutates_args=())
+
+    @op.register_fake
+    def _(student_hidden, student_weight, student_bias, *args):
+        reduce, flags = args[16], args[17:]
+        loss = student_hidden.new_empty(() if reduce else student_hidden.shape[:1], dtype=torch.float32)
+        shapes = (student_hidden.shape, student_weight.shape, student_weight.shape[:1])
+        like = (student_hidden, student_weight, student_bias if student_bias is not None else student_weight)
+        return (loss, *(t.new_empty(shape if (reduce and flag) else (0,)) for t, shape, flag in zip(like, shapes, flags)))
+
+    def setup_context(ctx, inputs, output):
+        cfg = _Config(*inputs[_TENSORS:])
+        if cfg.reduce:
+            ctx.mark_non_differentiable(*output[1:])
+        _save(ctx, inputs[:_TENSORS], cfg, output)
+
+    def backward(ctx, grad_loss, *_grads_of_grads):
+        return (*_backward(ctx, grad_loss, backend), *(None,) * (len(_Config.__dataclass_fields__) + _TENSORS - 3))
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+_OPS = {name: _define_op(name) for name in ("cpu", "cuda", "triton")}
+
+
+def _call(backend: str, tensors: tuple, cfg: _Config):
+    return _OPS[backend](*tensors, *cfg.__dict__.values())
+
+
+def _check_head(prefix: str, hidden, weight, bias):
+    """Shapes, dtypes and devices of one model's hidden states, output weight and bias."""
+    for name, t in ((f"{prefix}_hidden", hidden), (f"{prefix}_weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"{prefix}_hidden: expected shape (..., H) with H >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"{prefix}_weight: expected shape (V, H) with V >= 1, got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}_weight: shape {tuple(weight.shape)} does not match {prefix}_hidden's H = "
+                         f"{hidden.shape[-1]} (expected ({weight.shape[0]}, {hidden.shape[-1]}))")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}_weight: dtype {weight.dtype} differs from {prefix}_hidden's {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"{prefix}_weight: on {weight.device}, {prefix}_hidden on {hidden.device}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{prefix}_bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.shape != weight.shape[:1]:
+        raise ValueError(f"{prefix}_bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype or bias.device != weight.device:
+        raise TypeError(f"{prefix}_bias: expected {weight.dtype} on {weight.device} like {prefix}_weight, "
+                        f"got {bias.dtype} on {bias.device}")
+
+
+def _check_fused_options(chunk_size, logit_scale, softcap):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size: expected None or an integer >= 1, got {chunk_size!r}")
+    _check_number("logit_scale", logit_scale, low=0.0, low_open=True)
+    if softcap is not None:
+        _check_number("softcap", softcap, low=0.0, low_open=True)
+
+
+def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                  labels):
+    _check_head("student", student_hidden, student_weight, student_bias)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden: leading shape {tuple(teacher_hidden.shape[:-1])} does not match "
+                         f"student_hidden's {tuple(student_hidden.shape[:-1])} (one row per token in both)")
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher_hidden: on {teacher_hidden.device}, student_hidden on {student_hidden.device}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels: expected a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
+        if labels.shape != student_hidden.shape[:-1]:
+            raise ValueError(f"labels: expected shape {tuple(student_hidden.shape[:-1])} (the hidden states "
+                             f"without H), got {tuple(labels.shape)}")
+        if labels.device != student_hidden.device:
+            raise ValueError(f"labels: on {labels.device}, student_hidden on {student_hidden.device}")
+
+
+def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                              teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, *,
+                              student_bias: Optional[torch.Tensor] = None,
+                              teacher_bias: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                              chunk_size: Optional[int] = None, logit_scale: float = 1.0,
+                              softcap: Optional[float] = None, divergence: str = "kl", temperature: float = 1.0,
+                              beta: float = 0.5, skew: float = 0.1, soft_weight: float = 1.0,
+                              hard_weight: float = 0.0, scale_t2: bool = True, ignore_index: int = -100,
+                              reduction: str = "batchmean", num_items=None, backend: str = "auto") -> torch.Tensor:
+    """distill_loss(student_hidden @ student_weightᵀ + student_bias, teacher_hidden @ teacher_weightᵀ + ...)
+    without materializing either [tokens, V] logits tensor.
+
+    Hidden states (..., H_s) / (..., H_t), weights (V_s, H_s) / (V_t, H_t); H_s != H_t and V_s != V_t
+    are allowed (the smaller vocabulary is padded with -inf logits: probability 0). Logits are
+    float32 inside a chunk of `chunk_size` tokens (None: sized from a memory budget), multiplied by
+    `logit_scale`, then capped as softcap · tanh(logits / softcap) when `softcap` is given. Every other
+    option means what it means in distill_loss. Gradients flow to the student's hidden states,
+    weight and bias (whichever require grad; the weight and bias gradients are accumulated in float32
+    and returned in their dtype); the teacher's tensors never receive gradients.
+    """
+    _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
+    _check_fused_options(chunk_size, logit_scale, softcap)
+    _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels)
+    if divergence == "mse" and student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"divergence: 'mse' compares logits elementwise and needs equal vocabularies, got "
+                         f"V_s = {student_weight.shape[0]} (student_weight) and V_t = {teacher_weight.shape[0]} "
+                         f"(teacher_weight)")
+    name = dispatch.select("fused_linear_distill_loss", backend, student_hidden.device,
+                           (student_hidden.dtype, teacher_hidden.dtype))
+    lead = student_hidden.shape[:-1]
+    sh, th = _as_rows(student_hidden), _as_rows(teacher_hidden.detach())
+    tw = teacher_weight.detach()
+    tb = None if teacher_bias is None else teacher_bias.detach()
+    rows_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+    code, weight = _resolve(divergence, float(beta), float(skew))
+    if divergence.startswith("skew") and weight == 1.0:
+        soft_weight = 0.0  # as in distill_loss: the mixture is the compared distribution itself, D ≡ 0
+    scale = _row_scale(reduction, num_items, rows_labels, sh.shape[0], ignore_index, sh.device)
+    grad_on = torch.is_grad_enabled()
+    vocab = max(student_weight.shape[0], teacher_weight.shape[0])
+    cfg = _Config(code, float(temperature), weight, float(soft_weight), float(hard_weight), bool(scale_t2),
+                  int(ignore_index), float(logit_scale), 0.0 if softcap is None else float(softcap),
+                  int(chunk_size) if chunk_size is not None else auto_chunk_size(sh.shape[0], vocab, sh.device),
+                  reduction != "none", grad_on and student_hidden.requires_grad,
+                  grad_on and student_weight.requires_grad,
+                  grad_on and student_bias is not None and student_bias.requires_grad)
+    tensors = (sh, student_weight, student_bias, th, tw, tb, rows_labels, scale, None)
+    if name == "reference":
+        rows = fused_linear_distill_loss_chunked_ref(
+            *tensors[:-1], chunk_size=cfg.chunk_size, logit_scale=cfg.logit_scale, softcap=softcap,
+            divergence=DIVERGENCES[code], temperature=cfg.temperature, beta=weight, skew=weight,
+            soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight, scale_t2=cfg.scale_t2,
+            ignore_index=cfg.ignore_index)
+        return rows.sum() if cfg.reduce else rows.view(lead)
+    loss = _call(name, tensors, cfg)[0]
+    return loss if cfg.reduce else loss.view(lead)
