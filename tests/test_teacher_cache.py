@@ -369,6 +369,15 @@ def test_k_larger_than_vocab(tmp_path):
     with pytest.raises(ValueError, match=f"k=200 is larger than the teacher's vocabulary size V={VOCAB}"):
         build(tmp_path, k=200)
     assert read_manifest(str(tmp_path))["shards"] == []
+    assert build(tmp_path, k=K).k == K  # nothing was finished: new parameters need no overwrite=True
+
+
+def test_vocab_change_under_the_same_teacher_hash(tmp_path):
+    module, seqs = TinyCausalTeacher(), make_sequences()
+    build(tmp_path, lambda ids: module(ids), seqs, teacher_hash="v1")
+    os.remove(tmp_path / "shard-00004.safetensors")
+    with pytest.raises(TeacherCacheError, match=f"vocab_size mismatch: the cache has {VOCAB}, the teacher returns V=50"):
+        build(tmp_path, lambda ids: module(ids)[..., :50], seqs, teacher_hash="v1")
 
 
 @pytest.mark.parametrize("kwargs,message", [

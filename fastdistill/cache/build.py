@@ -222,8 +222,9 @@ def build_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, 
 
     If `path` holds a cache built with the same k, temperature, dtype, teacher hash, token stream
     and shard size, the build resumes: shard files whose sha256 matches the manifest are kept
-    untouched, missing or corrupt ones are (re)written. Different parameters raise a
-    TeacherCacheError naming the field. Returns the finished cache, opened for reading.
+    untouched (each is re-hashed to check), missing or corrupt ones are (re)written. Different
+    parameters raise a TeacherCacheError naming the field, unless no shard was finished yet.
+    Returns the finished cache, opened for reading.
     """
     path = os.fspath(path)
     k = _positive_int("k", k)
@@ -255,7 +256,7 @@ def build_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, 
               "shard_size": shard_size, "token_stream_hash": hasher.hexdigest(), "shards": [], "complete": False,
               "fastdistill_version": getattr(fastdistill, "__version__", None)}
     existing = _prepare_dir(path, overwrite)
-    if existing is not None:
+    if existing is not None and existing["shards"]:  # saved work: resume it, or refuse to mix
         for key in mf.BUILD_KEYS:
             if existing[key] != wanted[key]:
                 raise TeacherCacheError(f"teacher cache {path}: {key} mismatch: the cache was built with "

@@ -232,8 +232,11 @@ def collate_topk(batch: Sequence[dict], *, pad_id: int = 0, pad_logprob: float =
     """Pads a list of TeacherCache items on the right into one batch, for DataLoader(collate_fn=...):
         input_ids       (B, L) int64   padded with pad_id
         attention_mask  (B, L) int64   1 on real tokens, 0 on padding
-        labels          (B, L) int64   input_ids with label_pad (-100) on padding (unshifted, as
-                                       Hugging Face causal LMs expect)
+        labels          (B, L) int64   input_ids with label_pad (-100) on padding, unshifted as
+                                       Hugging Face causal LMs expect (they shift internally); as
+                                       the ignore mask of a per-position loss it lines up with
+                                       topk_logprobs; as next-token targets use labels[:, 1:]
+                                       against logits[:, :-1]
         topk_logprobs   (B, L, k)      padded with pad_logprob (-inf: no probability mass)
         topk_indices    (B, L, k) int32 padded with 0
     Use functools.partial(collate_topk, pad_id=...) for other pad values. Mask padded positions out
