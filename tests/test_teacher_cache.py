@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(__file__))  # cache_fixtures, also imported by the CLI subprocesses
 
 from cache_fixtures import VOCAB, FailingTeacher, TinyCausalTeacher, make_sequences  # noqa: E402
-from fastdistill.cache import TeacherCache, TeacherCacheError, build_cache, collate_topk, read_manifest  # noqa: E402
+from fastdistill.cache import TeacherCache, TeacherCacheError, collate_topk, read_manifest  # noqa: E402
 from fastdistill.cache import __main__ as cli  # noqa: E402
 from fastdistill.cache import manifest as mf  # noqa: E402
 
@@ -376,7 +376,8 @@ def test_vocab_change_under_the_same_teacher_hash(tmp_path):
     module, seqs = TinyCausalTeacher(), make_sequences()
     build(tmp_path, lambda ids: module(ids), seqs, teacher_hash="v1")
     os.remove(tmp_path / "shard-00004.safetensors")
-    with pytest.raises(TeacherCacheError, match=f"vocab_size mismatch: the cache has {VOCAB}, the teacher returns V=50"):
+    message = f"vocab_size mismatch: the cache has {VOCAB}, the teacher returns V=50"
+    with pytest.raises(TeacherCacheError, match=message):
         build(tmp_path, lambda ids: module(ids)[..., :50], seqs, teacher_hash="v1")
 
 

@@ -124,8 +124,9 @@ def _info(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Teacher top-k logit cache for offline distillation.",
-                                     epilog="See `python -m pydoc fastdistill.cache.__main__` for the MODULE:ATTR rule.")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Teacher top-k logit cache for offline distillation.",
+        epilog="See `python -m pydoc fastdistill.cache.__main__` for the MODULE:ATTR rule.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("build", help="run a teacher over a token dataset and cache its top-k log-probabilities")
     p.add_argument("--teacher", required=True, metavar="MODULE:ATTR",

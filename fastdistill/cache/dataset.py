@@ -224,7 +224,8 @@ class TeacherCache(Dataset):
 
     def __repr__(self) -> str:
         return (f"TeacherCache({self.path!r}, sequences={self.num_sequences}, tokens={self.num_tokens}, k={self.k}, "
-                f"temperature={self.temperature:g}, vocab_size={self.vocab_size}, dtype={self._manifest['value_dtype']})")
+                f"temperature={self.temperature:g}, vocab_size={self.vocab_size}, "
+                f"dtype={self._manifest['value_dtype']})")
 
 
 def collate_topk(batch: Sequence[dict], *, pad_id: int = 0, pad_logprob: float = -math.inf,
