@@ -1,5 +1,9 @@
-"""A tiny deterministic causal teacher and token datasets for the teacher cache tests; importable as
-`cache_fixtures:tiny_teacher` / `cache_fixtures:tiny_dataset` by the CLI tests (tests/ on PYTHONPATH)."""
+"""A tiny deterministic causal teacher, token datasets and file helpers for the teacher cache tests;
+importable as `cache_fixtures:tiny_teacher` / `cache_fixtures:tiny_dataset` by the CLI tests
+(tests/ on PYTHONPATH)."""
+import json
+import os
+
 import torch
 
 VOCAB = 97
@@ -63,3 +67,29 @@ tiny_dataset = make_sequences()  # a list: the CLI uses it as is
 def tiny_dataset_gen():
     """Generator function: the CLI calls it and reads the result into a list."""
     yield from make_sequences()
+
+
+def expected_topk(teacher, seq, k, temperature, dtype):
+    """The oracle: the teacher on the sequence alone, log_softmax(logits / T), top k."""
+    if seq.numel() == 0:
+        return torch.empty((0, k), dtype=dtype), torch.empty((0, k), dtype=torch.int32)
+    logprobs = torch.log_softmax(teacher(seq[None])[0].float() / temperature, dim=-1)
+    values, indices = logprobs.topk(k, dim=-1)
+    return values.to(dtype), indices.to(torch.int32)
+
+
+def file_state(path):
+    """(inode, mtime_ns, bytes) of a file: os.replace of a rewrite changes the inode."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return st.st_ino, st.st_mtime_ns, f.read()
+
+
+def edit_manifest(path, fn):
+    """Loads a cache's manifest.json, applies fn to the dict, writes it back (corruption tests)."""
+    file = os.path.join(path, "manifest.json")
+    with open(file) as f:
+        m = json.load(f)
+    fn(m)
+    with open(file, "w") as f:
+        json.dump(m, f)

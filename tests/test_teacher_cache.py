@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(__file__))  # cache_fixtures, also imported by the CLI subprocesses
 
-from cache_fixtures import VOCAB, FailingTeacher, TinyCausalTeacher, make_sequences  # noqa: E402
+from cache_fixtures import (VOCAB, FailingTeacher, TinyCausalTeacher, edit_manifest, expected_topk,  # noqa: E402
+                            file_state, make_sequences)
 from fastdistill.cache import TeacherCache, TeacherCacheError, collate_topk, read_manifest  # noqa: E402
 from fastdistill.cache import __main__ as cli  # noqa: E402
 from fastdistill.cache import manifest as mf  # noqa: E402
@@ -23,35 +24,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = 8
 
 
-def expected_topk(teacher, seq, k, temperature, dtype):
-    """The oracle: the teacher on the sequence alone, log_softmax(logits / T), top k."""
-    if seq.numel() == 0:
-        return torch.empty((0, k), dtype=dtype), torch.empty((0, k), dtype=torch.int32)
-    logprobs = torch.log_softmax(teacher(seq[None])[0].float() / temperature, dim=-1)
-    values, indices = logprobs.topk(k, dim=-1)
-    return values.to(dtype), indices.to(torch.int32)
-
-
 def build(path, teacher=None, seqs=None, **kw):
     kw = {"k": K, "batch_size": 4, "shard_size": 5, "progress": False, **kw}
     return TeacherCache.build(path, teacher if teacher is not None else TinyCausalTeacher(),
                               seqs if seqs is not None else make_sequences(), **kw)
-
-
-def file_state(path):
-    """(inode, mtime_ns, bytes) of a file: os.replace of a rewrite changes the inode."""
-    st = os.stat(path)
-    with open(path, "rb") as f:
-        return st.st_ino, st.st_mtime_ns, f.read()
-
-
-def edit_manifest(path, fn):
-    file = os.path.join(path, mf.MANIFEST_NAME)
-    with open(file) as f:
-        m = json.load(f)
-    fn(m)
-    with open(file, "w") as f:
-        json.dump(m, f)
 
 
 @pytest.fixture(scope="module")
