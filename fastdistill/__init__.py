@@ -3,8 +3,9 @@
 Importing fastdistill neither initialises CUDA nor compiles anything; the extension and triton
 load on first use.
 """
+from fastdistill.cache import TeacherCache
 from fastdistill.nn import DistillLoss, FusedLinearDistillLoss
-from fastdistill.ops import distill_loss, fused_linear_distill_loss
+from fastdistill.ops import distill_loss, fused_linear_distill_loss, topk_distill_loss
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,5 @@ def info() -> dict:
     return out
 
 
-__all__ = ["DistillLoss", "FusedLinearDistillLoss", "distill_loss", "fused_linear_distill_loss", "info",
-           "__version__"]
+__all__ = ["DistillLoss", "FusedLinearDistillLoss", "TeacherCache", "distill_loss", "fused_linear_distill_loss",
+           "info", "topk_distill_loss", "__version__"]
