@@ -21,4 +21,10 @@ TORCH_LIBRARY(fastdistill, m) {
       "-> (Tensor, Tensor)";
   m.def((std::string("distill_loss_cpu") + distill).c_str());
   m.def((std::string("distill_loss_cuda") + distill).c_str());
+  // Distillation from a teacher's top-k log-probabilities (already at temperature T) at token ids
+  // (int32/int64); `tail` 0 renormalizes over the k ids, 1 adds a rest bucket. Same outputs as above.
+  m.def(
+      "topk_distill_loss_cpu(Tensor student, Tensor teacher_logprobs, Tensor teacher_indices, Tensor? labels, "
+      "Tensor scale, int tail, int divergence, float temperature, float weight, float soft_weight, "
+      "float hard_weight, bool scale_t2, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
 }

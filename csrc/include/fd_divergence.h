@@ -159,4 +159,12 @@ FD_HD float grad_s(const RowParams& rp, float p, float q, float lp, float lq, fl
   }
 }
 
+// grad_s for a teacher whose probabilities may not sum to exactly 1 (topk_distill_loss, bucket tail:
+// rounded log-probs), P = sum p. Only kl's formula assumed P = 1 (q P - p in general); the others
+// hold for any p because they use the row constants D and C instead.
+FD_HD float grad_s_any_mass(const RowParams& rp, float p, float q, float lp, float lq, float delta, float D, float C,
+                            float P) {
+  return rp.div == KL ? q * P - p : grad_s(rp, p, q, lp, lq, delta, D, C);
+}
+
 }  // namespace fd

@@ -1,0 +1,403 @@
+// CPU kernel of fastdistill::topk_distill_loss_cpu: distillation from a teacher's top-k log-probs.
+//
+// Rows run in parallel (at::parallel_for, OpenMP). Per row the k ids are checked (range, duplicates)
+// against a per-thread byte mask of the vocabulary, which also tells the rest bucket's members
+// apart. The divergence runs over k (+1) categories with fd::row_terms / fd::grad_s_any_mass; only
+// the bucket tail and the hard-label term sweep the whole student row (vectorized loops as in
+// distill_loss.cpp). A bad id sets a flag inside the parallel loop; the error is raised after it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "fd_checks.h"
+#include "fd_divergence.h"
+
+namespace fastdistill {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FD_TOPK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FD_TOPK_CLONES
+#endif
+
+// fp32 SIMD partial sums over chunks, chunk sums added in double (as in distill_loss.cpp).
+constexpr int64_t kChunk = 64;
+// A rest sum below this (relative to the row max's term, 1) is recomputed around the rest's own
+// max: a student spike of +1e4 on a top-k id underflows every other exp to 0, yet the rest bucket
+// still has a finite log-probability and a gradient of order p_rest.
+constexpr double kTinyRest = 1e-20;
+
+// Max of the whole row and of its rest (entries no top-k id takes).
+FD_TOPK_CLONES void row_maxes(const float* z, const uint8_t* taken, int64_t V, float* all, float* rest) {
+  float m = -INFINITY, mr = -INFINITY;
+#pragma omp simd reduction(max : m, mr)
+  for (int64_t j = 0; j < V; ++j) {
+    m = fd::max_f32(m, z[j]);
+    mr = fd::max_f32(mr, taken[j] ? -INFINITY : z[j]);
+  }
+  *all = m;
+  *rest = mr;
+}
+
+// e_j = exp(z_j * a - shift); *total = sum of all e_j, *rest = sum over the entries not taken.
+// The rest is summed directly, never as total - (top-k terms): that cancels when the rest is tiny.
+FD_TOPK_CLONES void exp_sums(const float* z, const uint8_t* taken, int64_t V, float a, float shift, float* e,
+                             double* total, double* rest) {
+  double t = 0.0, r = 0.0;
+  for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
+    const int64_t j1 = std::min(V, j0 + kChunk);
+    float st = 0.0f, sr = 0.0f;
+#pragma omp simd reduction(+ : st, sr)
+    for (int64_t j = j0; j < j1; ++j) {
+      const float v = fd::exp_f32(z[j] * a - shift);
+      e[j] = v;
+      st += v;
+      sr += taken[j] ? 0.0f : v;
+    }
+    t += st;
+    r += sr;
+  }
+  *total = t;
+  *rest = r;
+}
+
+// g_j = e_j * ae + ez_j * az (a null pointer drops its term); the top-k entries are overwritten after.
+FD_TOPK_CLONES void fill_grad(float* g, int64_t V, const float* e, float ae, const float* ez, float az) {
+  if (e != nullptr && ez != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) g[j] = e[j] * ae + ez[j] * az;
+  } else if (e != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) g[j] = e[j] * ae;
+  } else if (ez != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) g[j] = ez[j] * az;
+  } else {
+    std::fill(g, g + V, 0.0f);
+  }
+}
+
+template <typename T>
+const float* widen(const T* src, int64_t V, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<float>(src[j]);
+    return buf.data();
+  }
+}
+
+// The teacher's rows: log-probs in any kernel float type, ids int32 or int64 (read per row, k values).
+struct TeacherRows {
+  const void* lp;
+  at::ScalarType lp_type;
+  int64_t lp_stride;
+  const void* ids;
+  bool ids64;
+  int64_t ids_stride;
+
+  template <typename T>
+  static void copy(const T* src, int64_t K, float* out) {
+    for (int64_t i = 0; i < K; ++i) out[i] = static_cast<float>(src[i]);
+  }
+  void logprobs(int64_t r, int64_t K, float* out) const {
+    const int64_t off = r * lp_stride;
+    if (lp_type == at::kFloat) copy(static_cast<const float*>(lp) + off, K, out);
+    else if (lp_type == at::kBFloat16) copy(static_cast<const c10::BFloat16*>(lp) + off, K, out);
+    else copy(static_cast<const c10::Half*>(lp) + off, K, out);
+  }
+  void indices(int64_t r, int64_t K, int64_t* out) const {
+    const int64_t off = r * ids_stride;
+    for (int64_t i = 0; i < K; ++i) {
+      out[i] = ids64 ? static_cast<const int64_t*>(ids)[off + i] : static_cast<const int32_t*>(ids)[off + i];
+    }
+  }
+};
+
+// Marks the ids in `taken`; false (and nothing left marked) on an out-of-range or repeated id.
+bool mark_ids(const int64_t* id, int64_t K, int64_t V, uint8_t* taken) {
+  int64_t i = 0;
+  for (; i < K; ++i) {
+    const int64_t v = id[i];
+    if (v < 0 || v >= V || taken[v]) break;
+    taken[v] = 1;
+  }
+  if (i == K) return true;
+  for (int64_t j = 0; j < i; ++j) taken[id[j]] = 0;
+  return false;
+}
+
+struct Config {
+  fd::RowParams rp;
+  bool bucket;
+  int64_t V, K, ignore_index;
+  float scale;
+};
+
+struct Softmax {  // of one row: log p_j = (x_j * a - max) - log_sum, p_j = e_j * inv_sum
+  float max = 0.0f, log_sum = 0.0f, inv_sum = 0.0f;
+  const float* e = nullptr;
+};
+
+// Per-thread buffers of the k (+1) categories.
+struct Categories {
+  std::vector<float> p, q, lp, lq, delta, g;
+  explicit Categories(int64_t n) : p(n), q(n), lp(n), lq(n), delta(n), g(n) {}
+};
+
+template <typename S>
+void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int64_t* labels, const Config& cf,
+               at::Tensor& loss, at::Tensor* grad, std::atomic<bool>& bad_ids) {
+  const int64_t N = student.size(0), V = cf.V, K = cf.K, ss = student.stride(0);
+  const S* sp = student.data_ptr<S>();
+  float* lossp = loss.data_ptr<float>();
+  S* gp = grad ? grad->data_ptr<S>() : nullptr;
+  const fd::RowParams& rp = cf.rp;
+  const float it = rp.inv_t;
+  const bool ce = rp.hard_weight != 0.0f && labels != nullptr;
+  const bool full = cf.bucket || ce;  // reads the whole student row
+  const bool own_z = ce && (!cf.bucket || rp.ce_needs_own_softmax);
+  const bool has_rest = cf.bucket && K < V;  // k == V: every token is a top-k id, no rest bucket
+  constexpr bool f32 = std::is_same_v<S, float>;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(full ? V : K, 1));
+
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> zb(full && !f32 ? V : 0), gb(gp != nullptr && !f32 ? V : 0);
+    std::vector<float> e(cf.bucket ? V : 0), ez(own_z ? V : 0), er;  // er: rest around its own max (rare)
+    std::vector<uint8_t> taken(V, 0);
+    std::vector<int64_t> id(K);
+    std::vector<float> lpv(K), sI(K);
+    Categories cat(K + 1);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t label = labels ? labels[r] : 0;
+      S* grow = gp ? gp + r * V : nullptr;
+      if (labels && label == cf.ignore_index) {  // ids of ignored rows are never read
+        lossp[r] = 0.0f;
+        if (grow) std::fill(grow, grow + V, S(0));
+        continue;
+      }
+      teacher.indices(r, K, id.data());
+      if (!mark_ids(id.data(), K, V, taken.data())) {
+        bad_ids.store(true, std::memory_order_relaxed);
+        lossp[r] = NAN;
+        if (grow) std::fill(grow, grow + V, S(NAN));
+        continue;
+      }
+      teacher.logprobs(r, K, lpv.data());
+      const S* srow = sp + r * ss;
+      const float* z = full ? widen(srow, V, zb) : nullptr;
+      for (int64_t i = 0; i < K; ++i) sI[i] = (z ? z[id[i]] : static_cast<float>(srow[id[i]])) * it;
+      float mz = 0.0f, mr = -INFINITY;
+      if (full) row_maxes(z, taken.data(), V, &mz, &mr);
+      if (full && mz == -INFINITY) {  // all -inf: undefined softmax, as in distill_loss
+        lossp[r] = NAN;
+        if (grow) std::fill(grow, grow + V, S(NAN));
+        for (int64_t i = 0; i < K; ++i) taken[id[i]] = 0;
+        continue;
+      }
+
+      Softmax sm;
+      int64_t nc = K;
+      const float* rest_e = nullptr;
+      double rest = 0.0;
+      if (cf.bucket) {
+        // Categories: p_i = exp(lp_i), q_i from the full softmax of z / T; rest p = max(0, 1 - sum p_i).
+        double total;
+        sm.max = mz * it;
+        exp_sums(z, taken.data(), V, it, sm.max, e.data(), &total, &rest);
+        sm.log_sum = logf((float)total);
+        sm.inv_sum = (float)(1.0 / total);
+        sm.e = e.data();
+        double p_ids = 0.0;
+        for (int64_t i = 0; i < K; ++i) {
+          cat.lp[i] = lpv[i];
+          cat.p[i] = std::exp(lpv[i]);
+          p_ids += cat.p[i];
+          cat.lq[i] = (sI[i] - sm.max) - sm.log_sum;
+          cat.q[i] = e[id[i]] * sm.inv_sum;
+          cat.delta[i] = lpv[i] - cat.lq[i];
+        }
+        if (has_rest) {
+          float shift = sm.max;
+          rest_e = e.data();
+          if (rest < kTinyRest) {
+            const float mrs = mr * it;
+            shift = mrs == -INFINITY ? 0.0f : mrs;  // all rest -inf: q_rest = 0 (rest stays 0)
+            er.resize(V);
+            double unused;
+            exp_sums(z, taken.data(), V, it, shift, er.data(), &unused, &rest);
+            rest_e = er.data();
+          }
+          const double p_rest = std::max(0.0, 1.0 - p_ids);
+          cat.p[K] = (float)p_rest;
+          cat.lp[K] = p_rest > 0.0 ? (float)std::log(p_rest) : -INFINITY;
+          cat.lq[K] = rest > 0.0 ? (float)(((double)shift - sm.max) + std::log(rest) - std::log(total)) : -INFINITY;
+          cat.q[K] = std::exp(cat.lq[K]);
+          cat.delta[K] = (cat.p[K] > 0.0f || cat.q[K] > 0.0f) ? cat.lp[K] - cat.lq[K] : 0.0f;
+          nc = K + 1;
+        }
+      } else {
+        // Both distributions renormalized over the k ids (softmax of lp, softmax of z_I / T).
+        float mt = -INFINITY, ms = -INFINITY;
+        for (int64_t i = 0; i < K; ++i) {
+          mt = std::max(mt, lpv[i]);
+          ms = std::max(ms, sI[i]);
+        }
+        double st = 0.0, sq = 0.0;
+        for (int64_t i = 0; i < K; ++i) {
+          cat.p[i] = std::exp(lpv[i] - mt);
+          cat.q[i] = std::exp(sI[i] - ms);
+          st += cat.p[i];
+          sq += cat.q[i];
+        }
+        const float ls_t = (float)std::log(st), ls_q = (float)std::log(sq);
+        const float it_t = (float)(1.0 / st), it_q = (float)(1.0 / sq);
+        // delta = (lp - s) - kd with the row constant in double: no difference of two large log-probs.
+        const float kd = (float)(((double)mt - ms) + ((double)ls_t - ls_q));
+        for (int64_t i = 0; i < K; ++i) {
+          cat.lp[i] = (lpv[i] - mt) - ls_t;
+          cat.lq[i] = (sI[i] - ms) - ls_q;
+          cat.p[i] *= it_t;
+          cat.q[i] *= it_q;
+          cat.delta[i] = (lpv[i] - sI[i]) - kd;
+        }
+      }
+
+      double D = 0.0, C = 0.0, P = 0.0;
+      for (int64_t c = 0; c < nc; ++c) {
+        float d, cc;
+        fd::row_terms(rp, cat.p[c], cat.q[c], cat.lp[c], cat.lq[c], cat.delta[c], d, cc);
+        D += d;
+        C += cc;
+        P += cat.p[c];
+      }
+      float row = rp.soft_coef * (float)D;
+      Softmax smz;  // of the raw student logits, for the hard-label term
+      if (ce) {
+        if (own_z) {
+          double total, unused;
+          exp_sums(z, taken.data(), V, 1.0f, mz, ez.data(), &total, &unused);
+          smz = {mz, logf((float)total), (float)(1.0 / total), ez.data()};
+        } else {
+          smz = sm;  // bucket tail at T = 1: the same softmax
+        }
+        row += rp.hard_weight * ((smz.max - z[label]) + smz.log_sum);
+      }
+      lossp[r] = row * cf.scale;
+
+      if (grow) {
+        float* g = f32 ? reinterpret_cast<float*>(grow) : gb.data();
+        const float gc = rp.grad_coef * cf.scale, hc = rp.hard_weight * cf.scale;
+        for (int64_t c = 0; c < nc; ++c) {
+          cat.g[c] = fd::grad_s_any_mass(rp, cat.p[c], cat.q[c], cat.lp[c], cat.lq[c], cat.delta[c], (float)D,
+                                         (float)C, (float)P);
+        }
+        // A rest entry j gets (its share of the rest, e_j / rest) x the rest category's gradient.
+        const float ae = nc > K && rest > 0.0 ? (float)(gc * cat.g[K] / rest) : 0.0f;
+        fill_grad(g, V, nc > K ? rest_e : nullptr, ae, ce ? smz.e : nullptr, hc * smz.inv_sum);
+        for (int64_t i = 0; i < K; ++i) {
+          g[id[i]] = gc * cat.g[i] + (ce ? hc * (smz.e[id[i]] * smz.inv_sum) : 0.0f);
+        }
+        if (ce) g[label] -= hc;
+        if constexpr (!f32) {
+          for (int64_t j = 0; j < V; ++j) grow[j] = static_cast<S>(g[j]);
+        }
+      }
+      for (int64_t i = 0; i < K; ++i) taken[id[i]] = 0;
+    }
+  });
+}
+
+// Called after the parallel loop saw a bad id: finds the first one and raises naming it.
+[[noreturn]] void raise_bad_ids(const TeacherRows& teacher, const int64_t* labels, int64_t ignore_index, int64_t N,
+                                int64_t K, int64_t V) {
+  std::vector<int64_t> id(K);
+  std::vector<uint8_t> seen(V, 0);
+  for (int64_t r = 0; r < N; ++r) {
+    if (labels && labels[r] == ignore_index) continue;
+    teacher.indices(r, K, id.data());
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t v = id[i];
+      TORCH_CHECK_VALUE(v >= 0 && v < V, "teacher_topk_indices: id ", v, " in row ", r, " is outside [0, V = ", V,
+                        ")");
+      TORCH_CHECK_VALUE(!seen[v], "teacher_topk_indices: id ", v, " appears twice in row ", r);
+      seen[v] = 1;
+    }
+    for (int64_t i = 0; i < K; ++i) seen[id[i]] = 0;
+  }
+  TORCH_CHECK_VALUE(false, "teacher_topk_indices: invalid ids");  // not reached
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_distill_loss_cpu(
+    const at::Tensor& student, const at::Tensor& logprobs, const at::Tensor& indices,
+    const std::optional<at::Tensor>& labels, const at::Tensor& scale, int64_t tail, int64_t divergence,
+    double temperature, double weight, double soft_weight, double hard_weight, bool scale_t2, int64_t ignore_index,
+    bool compute_grad) {
+  // The student, labels and options are checked as for distill_loss (the student stands in for the teacher).
+  check_distill_inputs(student, student, labels, scale, divergence, temperature, weight, at::kCPU);
+  TORCH_CHECK_VALUE(divergence != fd::MSE, "divergence: mse is not supported by topk_distill_loss");
+  TORCH_CHECK_VALUE(tail == 0 || tail == 1, "tail: unknown code ", tail, " (0 renormalize, 1 bucket)");
+  const int64_t N = student.size(0), V = student.size(1);
+  TORCH_CHECK_VALUE(logprobs.dim() == 2 && logprobs.size(0) == N, "teacher_topk_logprobs: expected shape (", N,
+                    ", k), got ", logprobs.sizes());
+  const int64_t K = logprobs.size(1);
+  TORCH_CHECK_VALUE(K >= 1 && K <= V, "teacher_topk_logprobs: k = ", K, " must be in [1, V = ", V, "]");
+  TORCH_CHECK_VALUE(indices.sizes() == logprobs.sizes(), "teacher_topk_indices: shape ", indices.sizes(),
+                    " does not match teacher_topk_logprobs ", logprobs.sizes());
+  TORCH_CHECK_TYPE(is_kernel_float(logprobs.scalar_type()), "teacher_topk_logprobs: dtype ",
+                   logprobs.scalar_type(), " not supported (float32, bfloat16, float16)");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+                   "teacher_topk_indices: expected int32 or int64, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(K == 1 || (logprobs.stride(1) == 1 && indices.stride(1) == 1),
+                    "teacher_topk_logprobs/teacher_topk_indices: the k dimension must be contiguous");
+  TORCH_CHECK_VALUE(logprobs.device() == student.device() && indices.device() == student.device(),
+                    "teacher_topk_logprobs/teacher_topk_indices: expected on ", student.device());
+  const int64_t* lab = nullptr;
+  at::Tensor lab_c;
+  if (labels.has_value()) {
+    lab_c = labels->contiguous();
+    lab = lab_c.data_ptr<int64_t>();
+    if (hard_weight != 0.0) {
+      for (int64_t r = 0; r < N; ++r) {
+        TORCH_CHECK_VALUE(lab[r] == ignore_index || (lab[r] >= 0 && lab[r] < V), "labels: value ", lab[r],
+                          " at row ", r, " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+      }
+    }
+  }
+  at::Tensor loss = new_output({N}, student.options().dtype(at::kFloat));
+  const std::vector<int64_t> grad_shape = compute_grad ? std::vector<int64_t>{N, V} : std::vector<int64_t>{0};
+  at::Tensor grad = new_output(grad_shape, student.options());
+  Config cf;
+  cf.rp = fd::make_row_params((int)divergence, temperature, weight, (float)soft_weight, (float)hard_weight, scale_t2,
+                              V);
+  cf.bucket = tail == 1;
+  cf.V = V;
+  cf.K = K;
+  cf.ignore_index = ignore_index;
+  cf.scale = scale.to(at::kFloat).item<float>();  // CPU tensor: no device sync
+  const TeacherRows teacher{logprobs.data_ptr(), logprobs.scalar_type(), logprobs.stride(0),
+                            indices.data_ptr(), indices.scalar_type() == at::kLong, indices.stride(0)};
+  std::atomic<bool> bad_ids{false};
+  at::Tensor* gptr = compute_grad ? &grad : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "topk_distill_loss_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK_TYPE(false, "topk_distill_loss_cpu: float64 logits are not supported (use float32/bf16/fp16)");
+    } else {
+      topk_rows<scalar_t>(student, teacher, lab, cf, loss, gptr, bad_ids);
+    }
+  });
+  if (bad_ids.load()) raise_bad_ids(teacher, lab, ignore_index, N, K, V);
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdistill, CPU, m) { m.impl("topk_distill_loss_cpu", &topk_distill_loss_cpu); }
+
+}  // namespace fastdistill

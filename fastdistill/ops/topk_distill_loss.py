@@ -1,0 +1,170 @@
+"""fastdistill.topk_distill_loss: distillation from a teacher's top-k log-probabilities (offline KD).
+
+Custom ops (one per backend, same schema):
+    fastdistill::topk_distill_loss_cpu      defined in csrc/ops.cpp, kernel in csrc/cpu/topk_distill_loss.cpp
+    fastdistill::topk_distill_loss_triton   defined here, kernel in fastdistill/kernels/topk_distill_loss.py
+Each returns (row losses in float32 already multiplied by `scale`, gradient w.r.t. the full student
+logits in their dtype), like the distill_loss ops, whose validation, scaling and autograd this reuses.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from fastdistill import _ext, dispatch
+from fastdistill.ops.distill_loss import _backward as _distill_backward
+from fastdistill.ops.distill_loss import (_as_rows, _check_options, _check_tensors, _empty_outputs, _resolve,
+                                          _row_scale, _setup_context)
+from fastdistill.reference.topk_distill_loss import TAILS, topk_distill_loss_ref
+
+# Codes shared with csrc/cpu/topk_distill_loss.cpp and fastdistill/kernels/topk_distill_loss.py.
+TAIL_CODES = {name: code for code, name in enumerate(TAILS)}
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@torch.library.custom_op("fastdistill::topk_distill_loss_triton", mutates_args=())
+def topk_distill_loss_triton(student: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor,
+                             labels: Optional[torch.Tensor], scale: torch.Tensor, tail: int, divergence: int,
+                             temperature: float, weight: float, soft_weight: float, hard_weight: float,
+                             scale_t2: bool, ignore_index: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastdistill.kernels.topk_distill_loss import topk_distill_loss_triton_launch  # imports triton on first use
+
+    loss, grad = _empty_outputs(student, compute_grad)
+    coef = soft_weight * (temperature ** 2 if scale_t2 else 1.0)
+    topk_distill_loss_triton_launch(
+        student, teacher_logprobs, teacher_indices, labels, scale, loss, grad if compute_grad else None,
+        bucket=tail == TAIL_CODES["bucket"], divergence=divergence, inv_t=1.0 / temperature, w=weight,
+        log_w=math.log(weight) if weight > 0 else -math.inf,
+        log_1mw=math.log1p(-weight) if weight < 1 else -math.inf, soft_coef=coef, grad_coef=coef / temperature,
+        hard_weight=hard_weight, ignore_index=ignore_index, interpret=os.environ.get("TRITON_INTERPRET") == "1")
+    return loss, grad
+
+
+def _fake(student, teacher_logprobs, teacher_indices, labels, scale, tail, divergence, temperature, weight,
+          soft_weight, hard_weight, scale_t2, ignore_index, compute_grad):
+    return _empty_outputs(student, compute_grad)
+
+
+_N_INPUTS = 14  # arguments of the topk_distill_loss_<backend> ops
+
+
+def _backward(ctx, grad_rows, grad_of_grad):
+    """distill_loss's backward (scales the saved gradient in place), padded to this op's arity."""
+    grads = _distill_backward(ctx, grad_rows, grad_of_grad)
+    return (grads[0],) + (None,) * (_N_INPUTS - 1)
+
+
+torch.library.register_fake("fastdistill::topk_distill_loss_triton")(_fake)
+torch.library.register_autograd("fastdistill::topk_distill_loss_triton", _backward, setup_context=_setup_context)
+
+_native_registered = False
+
+
+def _native_op():
+    """torch.ops.fastdistill.topk_distill_loss_cpu, with fake + autograd registered once."""
+    global _native_registered
+    if not _native_registered:
+        _ext.load_error()  # imports fastdistill._C, which defines the op
+        torch.library.register_fake("fastdistill::topk_distill_loss_cpu")(_fake)
+        torch.library.register_autograd("fastdistill::topk_distill_loss_cpu", _backward,
+                                        setup_context=_setup_context)
+        _native_registered = True
+    return torch.ops.fastdistill.topk_distill_loss_cpu
+
+
+def _check_topk_tensors(student, logprobs, indices, labels):
+    _check_tensors(student, student, labels)  # student + labels, as distill_loss checks them
+    V = student.shape[-1]
+    for name, t in (("teacher_topk_logprobs", logprobs), ("teacher_topk_indices", indices)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != student.device:
+            raise ValueError(f"{name}: on {t.device}, student_logits on {student.device}")
+    if not logprobs.is_floating_point():
+        raise TypeError(f"teacher_topk_logprobs: expected a floating-point tensor, got {logprobs.dtype}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"teacher_topk_indices: expected int32 or int64 token ids, got {indices.dtype}")
+    if logprobs.dim() != student.dim() or logprobs.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(student.shape[:-1])} + (k,) to match "
+                         f"student_logits {tuple(student.shape)}, got {tuple(logprobs.shape)}")
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"teacher_topk_indices: shape {tuple(indices.shape)} does not match teacher_topk_logprobs "
+                         f"shape {tuple(logprobs.shape)}")
+    k = logprobs.shape[-1]
+    if not 1 <= k <= V:
+        raise ValueError(f"teacher_topk_logprobs: k = {k} top-k entries per row, but the vocabulary has V = {V} "
+                         f"(need 1 <= k <= V)")
+
+
+def _validate_indices(indices, V, labels, ignore_index):
+    """Range and duplicate check of the ids of the rows that count (a host sync: opt-in, validate=True)."""
+    ids = indices.reshape(-1, indices.shape[-1]).long()
+    counted = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    if labels is not None:
+        counted = labels.reshape(-1) != ignore_index
+    out = counted.unsqueeze(-1) & ((ids < 0) | (ids >= V))
+    if out.any():
+        row, col = (int(x) for x in out.nonzero()[0])
+        raise ValueError(f"teacher_topk_indices: id {int(ids[row, col])} in row {row} is outside [0, V = {V})")
+    ordered = ids.sort(-1).values
+    dup = counted.unsqueeze(-1) & (ordered[:, 1:] == ordered[:, :-1])
+    if dup.any():
+        row, col = (int(x) for x in dup.nonzero()[0])
+        raise ValueError(f"teacher_topk_indices: id {int(ordered[row, col])} appears twice in row {row}")
+
+
+def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
+                      teacher_topk_indices: torch.Tensor, *, tail: str = "renormalize", labels=None,
+                      divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
+                      soft_weight: float = 1.0, hard_weight: float = 0.0, scale_t2: bool = True,
+                      ignore_index: int = -100, reduction: str = "batchmean", num_items=None,
+                      validate: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Distillation loss against a teacher stored as its top-k log-probabilities (offline KD).
+
+    student_logits (..., V); teacher_topk_logprobs (..., k), the teacher's log_softmax(logits / T)
+    at its top k tokens (any float dtype; a cache stores fp16); teacher_topk_indices (..., k) their
+    token ids (int32/int64, distinct within a row). q = softmax(student / T) over the full vocabulary.
+      tail="renormalize": p and q restricted to the k ids and renormalized; D over k categories.
+      tail="bucket": the k ids plus one "rest" category: p_rest = max(0, 1 - sum exp(lp)) (clamped:
+        fp16-rounded log-probs can sum slightly above 1), q_rest = the student's exact mass outside the ids.
+    Row loss = soft_weight · (T² if scale_t2) · D(p ‖ q) + hard_weight · CE(student, labels), with the
+    options, reductions and ignore_index of fastdistill.distill_loss ("mse" is not available: a top-k
+    cache holds no raw logits). Only the student gets a gradient (over all V, in its dtype).
+    Ids outside [0, V): the cpu backend raises, triton and reference give that row a NaN loss and
+    gradient; duplicate ids are undefined there. validate=True checks range and duplicates on any
+    backend first (a host sync, and not for torch.compile(fullgraph=True)).
+    """
+    if divergence == "mse":
+        raise ValueError("divergence: 'mse' compares raw logits, which top-k log-probabilities do not give; "
+                         "use kl, reverse_kl, jsd, tvd, skew_kl or skew_reverse_kl")
+    _check_topk_tensors(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels)
+    _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels)
+    if tail not in TAIL_CODES:
+        raise ValueError(f"tail: unknown {tail!r}; expected one of {TAILS}")
+    V = student_logits.shape[-1]
+    if validate:
+        _validate_indices(teacher_topk_indices, V, labels, ignore_index)
+    name = dispatch.select("topk_distill_loss", backend, student_logits.device,
+                           (student_logits.dtype, teacher_topk_logprobs.dtype))
+    if name == "reference":
+        return topk_distill_loss_ref(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels, tail=tail,
+                                     divergence=divergence, temperature=float(temperature), beta=float(beta),
+                                     skew=float(skew), soft_weight=float(soft_weight),
+                                     hard_weight=float(hard_weight), scale_t2=scale_t2, ignore_index=ignore_index,
+                                     reduction=reduction, num_items=num_items)
+    lead = student_logits.shape[:-1]
+    student = _as_rows(student_logits)
+    logprobs, indices = _as_rows(teacher_topk_logprobs.detach()), _as_rows(teacher_topk_indices)
+    rows_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
+    code, weight = _resolve(divergence, float(beta), float(skew))
+    if divergence.startswith("skew") and weight == 1.0:
+        soft_weight = 0.0  # the mixture is the compared distribution itself: D ≡ 0 (exactly, also its gradient)
+    scale = _row_scale(reduction, num_items, rows_labels, student.shape[0], ignore_index, student.device)
+    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    op = topk_distill_loss_triton if name == "triton" else _native_op()
+    rows, _ = op(student, logprobs, indices, rows_labels, scale, TAIL_CODES[tail], code, float(temperature), weight,
+                 float(soft_weight), float(hard_weight), bool(scale_t2), int(ignore_index), compute_grad)
+    return rows.view(lead) if reduction == "none" else rows.sum()
