@@ -35,13 +35,53 @@ print(json.dumps(results))
 """
 
 
-def test_kernel_compiles_for_sm90():
+# topk_distill_loss: every divergence with all features on (bucket tail with its rare rest-max
+# branch, labels, own hard-label softmax, gradient), and renormalize with and without the gradient.
+TOPK_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastdistill.kernels import topk_distill_loss as kernels
+
+types = dict(S="*bf16", s_stride="i64", LP="*fp16", lp_stride="i64", IDX="*i32", idx_stride="i64", L="*i64",
+             SCALE="*fp32", LOSS="*fp32", G="*bf16", V="i32", K="i32", inv_t="fp32", w="fp32", w1m="fp32",
+             log_w="fp32", log_1mw="fp32", soft_coef="fp32", grad_coef="fp32", hard_weight="fp32",
+             ignore_index="i64")
+fn = kernels._topk_distill_loss_kernel
+variants = [(div, True, True) for div in range(6)] + [(0, False, True), (2, False, False)]
+results = []
+for div, bucket, full in variants:
+    const = dict(DIV=div, BUCKET=bucket, HAS_LABELS=full, CE=full, CE_OWN=full, WRITE=full, BLOCK_V=8192,
+                 BLOCK_K=128, RB=kernels.REST_BLOCK_V)
+    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=16, enable_fp_fusion=False)).asm["ptx"]
+    results.append({"div": div, "bucket": bucket, "write": full, "loads": "ld.global" in ptx,
+                    "atomics": "atom." in ptx, "fp64": "add.f64" in ptx or "add.rn.f64" in ptx})
+print(json.dumps(results))
+"""
+
+
+def _compile(script):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
         pytest.skip("triton's bundled ptxas is unavailable here")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_kernel_compiles_for_sm90():
+    results = _compile(SCRIPT)
     assert len(results) == 14
     assert all(r["loads"] and not r["atomics"] for r in results), results
+
+
+def test_topk_kernel_compiles_for_sm90():
+    results = _compile(TOPK_SCRIPT)
+    assert len(results) == 8
+    assert all(r["loads"] and not r["atomics"] for r in results), results
+    assert all(r["fp64"] for r in results if r["bucket"]), results  # the rest mass is summed in fp64

@@ -257,14 +257,14 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
         }
         const float ls_t = (float)std::log(st), ls_q = (float)std::log(sq);
         const float it_t = (float)(1.0 / st), it_q = (float)(1.0 / sq);
-        // delta = (lp - s) - kd with the row constant in double: no difference of two large log-probs.
-        const float kd = (float)(((double)mt - ms) + ((double)ls_t - ls_q));
         for (int64_t i = 0; i < K; ++i) {
           cat.lp[i] = (lpv[i] - mt) - ls_t;
           cat.lq[i] = (sI[i] - ms) - ls_q;
           cat.p[i] *= it_t;
           cat.q[i] *= it_q;
-          cat.delta[i] = (lpv[i] - sI[i]) - kd;
+          // Both are log-probs, exact near 0 where they matter (unlike lp - s, a log-prob minus a
+          // logit that may be ~1e4): delta from them directly.
+          cat.delta[i] = cat.lp[i] - cat.lq[i];
         }
       }
 

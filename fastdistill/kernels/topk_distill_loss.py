@@ -39,20 +39,19 @@ def _load_categories(c0, cats, K, k_lim, V, s_row, lp_row, id_row):
 
 
 @triton.jit
-def _category_logs(c, is_id, rest_slot, z, lp, inv_t, a0, a1, b0, b1, kd, lp_rest, lq_rest,
-                   BUCKET: tl.constexpr):
+def _category_logs(c, is_id, rest_slot, z, lp, inv_t, a0, a1, b0, b1, lp_rest, lq_rest, BUCKET: tl.constexpr):
     """(log p, log q, delta = log p - log q) of categories c; c == rest_slot (K, or -1 when the rest
     bucket is empty) is the rest bucket, the others past K are empty (p = q = 0). bucket: a0, a1 = max and log-sum of the full softmax of s; renormalize:
-    (a0, a1) and (b0, b1) those of the k log-probs and of the k gathered s, kd their row constant."""
+    (a0, a1) and (b0, b1) those of the k log-probs and of the k gathered s. delta comes from the two
+    log-probs, exact near 0 where they matter (lp - s would subtract a logit that may be ~1e4)."""
     s = z * inv_t
     if BUCKET:
         lpc = lp
         lqc = (s - a0) - a1
-        delta = lpc - lqc
     else:
         lpc = (lp - a0) - a1
         lqc = (s - b0) - b1
-        delta = (lp - s) - kd  # no difference of two large log-probs
+    delta = lpc - lqc
     if BUCKET:
         rest = c == rest_slot
         lpc = tl.where(is_id, lpc, tl.where(rest, lp_rest, NEG_INF))
@@ -186,11 +185,9 @@ def _topk_distill_loss_kernel(
         rest_slot = tl.where(live & ((p_rest > 0) | (R > 0)), K, -1)  # -1: no rest category
         a0 = m_s
         a1 = ls_s
-        kd = 0.0
     else:
         a0 = m_t
         a1 = _log_sum(m_t, a_t)
-        kd = (m_t - m_k) + (a1 - _log_sum(m_k, a_k))
         rest_slot = -1
     b0 = m_k
     b1 = _log_sum(m_k, a_k)
@@ -201,7 +198,7 @@ def _topk_distill_loss_kernel(
     p_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
     for c0 in range(0, K + 1, BLOCK_K):
         c, is_id, ids, ok, z, lp = _load_categories(c0, cats, K, k_lim, V, s_row, lp_row, id_row)
-        lpc, lqc, delta = _category_logs(c, is_id, rest_slot, z, lp, inv_t, a0, a1, b0, b1, kd, lp_rest, lq_rest,
+        lpc, lqc, delta = _category_logs(c, is_id, rest_slot, z, lp, inv_t, a0, a1, b0, b1, lp_rest, lq_rest,
                                          BUCKET)
         d, cc = _row_terms(lpc, lqc, delta, w, w1m, log_w, log_1mw, DIV)
         d_acc += d
@@ -249,7 +246,7 @@ def _topk_distill_loss_kernel(
         tl.debug_barrier()  # the sweep's stores land before the ids' stores to the same row
         for c0 in range(0, K, BLOCK_K):
             c, is_id, ids, ok, z, lp = _load_categories(c0, cats, K, k_lim, V, s_row, lp_row, id_row)
-            lpc, lqc, delta = _category_logs(c, is_id, rest_slot, z, lp, inv_t, a0, a1, b0, b1, kd, lp_rest,
+            lpc, lqc, delta = _category_logs(c, is_id, rest_slot, z, lp, inv_t, a0, a1, b0, b1, lp_rest,
                                              lq_rest, BUCKET)
             g = gc * _category_grad(lpc, lqc, delta, D, C, P, w, w1m, log_w, log_1mw, DIV)
             if CE:
