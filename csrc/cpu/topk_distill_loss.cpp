@@ -32,38 +32,56 @@ constexpr int64_t kChunk = 64;
 // still has a finite log-probability and a gradient of order p_rest.
 constexpr double kTinyRest = 1e-20;
 
-// Max of the whole row and of its rest (entries no top-k id takes).
-FD_TOPK_CLONES void row_maxes(const float* z, const uint8_t* taken, int64_t V, float* all, float* rest) {
-  float m = -INFINITY, mr = -INFINITY;
-#pragma omp simd reduction(max : m, mr)
-  for (int64_t j = 0; j < V; ++j) {
-    m = fd::max_f32(m, z[j]);
-    mr = fd::max_f32(mr, taken[j] ? -INFINITY : z[j]);
-  }
-  *all = m;
-  *rest = mr;
+FD_TOPK_CLONES float row_max(const float* z, int64_t V) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < V; ++j) m = fd::max_f32(m, z[j]);
+  return m;
 }
 
-// e_j = exp(z_j * a - shift); *total = sum of all e_j, *rest = sum over the entries not taken.
-// The rest is summed directly, never as total - (top-k terms): that cancels when the rest is tiny.
-FD_TOPK_CLONES void exp_sums(const float* z, const uint8_t* taken, int64_t V, float a, float shift, float* e,
-                             double* total, double* rest) {
-  double t = 0.0, r = 0.0;
+// e_j = exp(z_j * a - shift); cs[c] = the fp32 sum of chunk c; returns the total (chunk sums in double).
+// No mask in this loop: mixing byte and float lanes made GCC fall back to 128-bit vectors.
+FD_TOPK_CLONES double exp_chunks(const float* z, int64_t V, float a, float shift, float* e, float* cs) {
+  double total = 0.0;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int64_t j1 = std::min(V, j0 + kChunk);
-    float st = 0.0f, sr = 0.0f;
-#pragma omp simd reduction(+ : st, sr)
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
     for (int64_t j = j0; j < j1; ++j) {
-      const float v = fd::exp_f32(z[j] * a - shift);
-      e[j] = v;
-      st += v;
-      sr += taken[j] ? 0.0f : v;
+      e[j] = fd::exp_f32(z[j] * a - shift);
+      s += e[j];
     }
-    t += st;
-    r += sr;
+    cs[j0 / kChunk] = s;
+    total += s;
   }
-  *total = t;
-  *rest = r;
+  return total;
+}
+
+// Sum of e over the entries no id takes: the chunk sums, with the (at most k) chunks holding an id
+// summed again without them. Never total - (top-k terms): that cancels when the rest is tiny.
+// `hit` (a byte per chunk) is all zero on entry and on return.
+double rest_sum(const float* e, const float* cs, const uint8_t* taken, const int64_t* id, int64_t K, int64_t V,
+                uint8_t* hit) {
+  for (int64_t i = 0; i < K; ++i) hit[id[i] / kChunk] = 1;
+  double rest = 0.0;
+  for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
+    const int64_t c = j0 / kChunk;
+    if (!hit[c]) {
+      rest += cs[c];
+      continue;
+    }
+    hit[c] = 0;
+    float s = 0.0f;
+    for (int64_t j = j0; j < std::min(V, j0 + kChunk); ++j) s += taken[j] ? 0.0f : e[j];
+    rest += s;
+  }
+  return rest;
+}
+
+float rest_max(const float* z, const uint8_t* taken, int64_t V) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < V; ++j) m = taken[j] ? m : std::max(m, z[j]);
+  return m;
 }
 
 // g_j = e_j * ae + ez_j * az (a null pointer drops its term); the top-k entries are overwritten after.
@@ -169,7 +187,8 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> zb(full && !f32 ? V : 0), gb(gp != nullptr && !f32 ? V : 0);
     std::vector<float> e(cf.bucket ? V : 0), ez(own_z ? V : 0), er;  // er: rest around its own max (rare)
-    std::vector<uint8_t> taken(V, 0);
+    std::vector<uint8_t> taken(V, 0), hit(full ? (V + kChunk - 1) / kChunk : 0, 0);
+    std::vector<float> cs(hit.size());  // chunk sums of the exp terms
     std::vector<int64_t> id(K);
     std::vector<float> lpv(K), sI(K);
     Categories cat(K + 1);
@@ -192,8 +211,7 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
       const S* srow = sp + r * ss;
       const float* z = full ? widen(srow, V, zb) : nullptr;
       for (int64_t i = 0; i < K; ++i) sI[i] = (z ? z[id[i]] : static_cast<float>(srow[id[i]])) * it;
-      float mz = 0.0f, mr = -INFINITY;
-      if (full) row_maxes(z, taken.data(), V, &mz, &mr);
+      const float mz = full ? row_max(z, V) : 0.0f;
       if (full && mz == -INFINITY) {  // all -inf: undefined softmax, as in distill_loss
         lossp[r] = NAN;
         if (grow) std::fill(grow, grow + V, S(NAN));
@@ -207,9 +225,8 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
       double rest = 0.0;
       if (cf.bucket) {
         // Categories: p_i = exp(lp_i), q_i from the full softmax of z / T; rest p = max(0, 1 - sum p_i).
-        double total;
         sm.max = mz * it;
-        exp_sums(z, taken.data(), V, it, sm.max, e.data(), &total, &rest);
+        const double total = exp_chunks(z, V, it, sm.max, e.data(), cs.data());
         sm.log_sum = logf((float)total);
         sm.inv_sum = (float)(1.0 / total);
         sm.e = e.data();
@@ -225,12 +242,13 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
         if (has_rest) {
           float shift = sm.max;
           rest_e = e.data();
+          rest = rest_sum(e.data(), cs.data(), taken.data(), id.data(), K, V, hit.data());
           if (rest < kTinyRest) {
-            const float mrs = mr * it;
+            const float mrs = rest_max(z, taken.data(), V) * it;
             shift = mrs == -INFINITY ? 0.0f : mrs;  // all rest -inf: q_rest = 0 (rest stays 0)
             er.resize(V);
-            double unused;
-            exp_sums(z, taken.data(), V, it, shift, er.data(), &unused, &rest);
+            exp_chunks(z, V, it, shift, er.data(), cs.data());  // ids above the shift may be inf: excluded
+            rest = rest_sum(er.data(), cs.data(), taken.data(), id.data(), K, V, hit.data());
             rest_e = er.data();
           }
           const double p_rest = std::max(0.0, 1.0 - p_ids);
@@ -280,8 +298,7 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
       Softmax smz;  // of the raw student logits, for the hard-label term
       if (ce) {
         if (own_z) {
-          double total, unused;
-          exp_sums(z, taken.data(), V, 1.0f, mz, ez.data(), &total, &unused);
+          const double total = exp_chunks(z, V, 1.0f, mz, ez.data(), cs.data());
           smz = {mz, logf((float)total), (float)(1.0 / total), ez.data()};
         } else {
           smz = sm;  // bucket tail at T = 1: the same softmax
