@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <vector>
@@ -78,23 +79,16 @@ double rest_sum(const float* e, const float* cs, const uint8_t* taken, const int
   return rest;
 }
 
-float rest_max(const float* z, const uint8_t* taken, int64_t V) {
-  float m = -INFINITY;
-  for (int64_t j = 0; j < V; ++j) m = taken[j] ? m : std::max(m, z[j]);
-  return m;
-}
-
 // g_j = e_j * ae + ez_j * az (a null pointer drops its term); the top-k entries are overwritten after.
 FD_TOPK_CLONES void fill_grad(float* g, int64_t V, const float* e, float ae, const float* ez, float az) {
   if (e != nullptr && ez != nullptr) {
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) g[j] = e[j] * ae + ez[j] * az;
-  } else if (e != nullptr) {
+  } else if (e != nullptr || ez != nullptr) {
+    const float* x = e ? e : ez;
+    const float a = e ? ae : az;
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) g[j] = e[j] * ae;
-  } else if (ez != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) g[j] = ez[j] * az;
+    for (int64_t j = 0; j < V; ++j) g[j] = x[j] * a;
   } else {
     std::fill(g, g + V, 0.0f);
   }
@@ -244,8 +238,9 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
           rest_e = e.data();
           rest = rest_sum(e.data(), cs.data(), taken.data(), id.data(), K, V, hit.data());
           if (rest < kTinyRest) {
-            const float mrs = rest_max(z, taken.data(), V) * it;
-            shift = mrs == -INFINITY ? 0.0f : mrs;  // all rest -inf: q_rest = 0 (rest stays 0)
+            float mr = -INFINITY;  // the rest's max (rare path)
+            for (int64_t j = 0; j < V; ++j) mr = taken[j] ? mr : std::max(mr, z[j] * it);
+            shift = mr == -INFINITY ? 0.0f : mr;  // all rest -inf: q_rest = 0 (rest stays 0)
             er.resize(V);
             exp_chunks(z, V, it, shift, er.data(), cs.data());  // ids above the shift may be inf: excluded
             rest = rest_sum(er.data(), cs.data(), taken.data(), id.data(), K, V, hit.data());
@@ -261,27 +256,20 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
         }
       } else {
         // Both distributions renormalized over the k ids (softmax of lp, softmax of z_I / T).
-        float mt = -INFINITY, ms = -INFINITY;
-        for (int64_t i = 0; i < K; ++i) {
-          mt = std::max(mt, lpv[i]);
-          ms = std::max(ms, sI[i]);
-        }
+        const float mt = *std::max_element(lpv.begin(), lpv.end()), ms = *std::max_element(sI.begin(), sI.end());
         double st = 0.0, sq = 0.0;
         for (int64_t i = 0; i < K; ++i) {
-          cat.p[i] = std::exp(lpv[i] - mt);
-          cat.q[i] = std::exp(sI[i] - ms);
-          st += cat.p[i];
-          sq += cat.q[i];
+          st += std::exp(lpv[i] - mt);
+          sq += std::exp(sI[i] - ms);
         }
         const float ls_t = (float)std::log(st), ls_q = (float)std::log(sq);
-        const float it_t = (float)(1.0 / st), it_q = (float)(1.0 / sq);
         for (int64_t i = 0; i < K; ++i) {
           cat.lp[i] = (lpv[i] - mt) - ls_t;
           cat.lq[i] = (sI[i] - ms) - ls_q;
-          cat.p[i] *= it_t;
-          cat.q[i] *= it_q;
-          // Both are log-probs, exact near 0 where they matter (unlike lp - s, a log-prob minus a
-          // logit that may be ~1e4): delta from them directly.
+          cat.p[i] = std::exp(cat.lp[i]);
+          cat.q[i] = std::exp(cat.lq[i]);
+          // From the two log-probs, exact near 0 where they matter (lp - s would subtract a logit
+          // that may be ~1e4).
           cat.delta[i] = cat.lp[i] - cat.lq[i];
         }
       }
