@@ -31,7 +31,8 @@ step info 30 $PY -m fastdistill info
 step test_gpu 90 $PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 step test_parity 90 $PY -m pytest -q -x tests/test_distill_loss.py tests/test_distill_loss_api.py \
   tests/test_distill_loss_compile.py tests/test_fused_linear_distill_loss.py \
-  tests/test_fused_linear_distill_loss_api.py -k "cuda or triton" -p no:cacheprovider
+  tests/test_fused_linear_distill_loss_api.py tests/test_topk_distill_loss.py tests/test_topk_distill_loss_api.py \
+  -k "cuda or triton" -p no:cacheprovider
 step bench 90 $PY benchmarks/bench_distill_loss.py --device cuda --modes full fwd --divergence kl jsd \
   --reps 10 --out distill_loss_h200 --csv-dir "$OUT"
 step bench_fused_linear 90 $PY benchmarks/bench_fused_linear.py --device cuda --tokens 8192 1024 --modes full \

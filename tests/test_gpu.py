@@ -68,3 +68,16 @@ def test_fused_linear_gpu_deterministic(backend, seed):
         outs.append([loss, inputs["student_hidden"].grad, inputs["student_weight"].grad])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "bucket"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd", "tvd"])
+def test_topk_large_vocab_triton(tail, divergence, seed):
+    from topk_cases import check_topk_against_oracle, make_topk
+
+    student = make_logits((6, 128256), dtype=torch.bfloat16, device="cuda", seed=seed)
+    lp, ids = make_topk((6, 128256), 64, temperature=2.0, seed=seed + 1, device="cuda", dtype=torch.float16,
+                        index_dtype=torch.int32)
+    labels = make_labels((6,), 128256, seed=seed, device="cuda")
+    check_topk_against_oracle("triton", student, lp, ids, labels, seed=seed, tail=tail, divergence=divergence,
+                              temperature=2.0, hard_weight=0.3)
