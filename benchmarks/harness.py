@@ -76,6 +76,18 @@ def time_it(fn, *, device: str, warmup: int, reps: int, setup=None) -> list[floa
     return times
 
 
+def _release_free_heap() -> None:
+    """Returns glibc's retained free heap memory to the OS. Blocks under the malloc mmap threshold
+    (which grows to 32 MiB after large frees) are recycled from the heap without touching the RSS,
+    so without this a chunked provider reusing warm-up memory would look as if it allocated nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class PeakMemory:
     """Peak extra memory while the block runs, over what was held when it started.
     CUDA: the caching allocator's peak. CPU: a thread samples the resident set size every 0.2 ms
@@ -99,6 +111,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
+            _release_free_heap()
             self._base = self._peak = self._rss()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -131,8 +144,11 @@ def copy_bandwidth_gbps(device: str, nbytes: int, reps: int = 10) -> float:
 
 def run_worker(script: str, spec: dict, timeout: int = 1800) -> dict:
     """Runs `script --worker '<json spec>'` and returns the JSON dict it prints last."""
+    # glibc: every allocation >= 64 KiB is its own mapping, unmapped when freed, so the sampled RSS
+    # is the live memory (no heap reuse hiding chunked allocations, no retained free memory).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run([sys.executable, script, "--worker", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
