@@ -7,7 +7,7 @@ import torch
 
 import fastdistill
 from fastdistill.reference import distill_loss_ref
-from fastdistill.testing import assert_close_to_oracle
+from fastdistill.testing import assert_close_to_oracle, reduced_reference
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "mse")
 
@@ -44,6 +44,12 @@ def check_against_oracle(backend, student, teacher, labels=None, *, seed=0, **op
     ref_grad = _grad(ref, s_low, upstream.float())
 
     tag = f"{backend} {options} dtype={student.dtype}/{teacher.dtype} seed={seed}"
+    if reduction != "none":
+        rows = {**options, "reduction": "none"}
+        ref = reduced_reference(distill_loss_ref(student, teacher, labels, **rows),
+                                distill_loss_ref(student.double(), teacher.double(), labels, **rows), oracle,
+                                labels=labels, reduction=reduction, num_items=options.get("num_items"),
+                                ignore_index=options.get("ignore_index", -100))
     assert_close_to_oracle(out, oracle, ref, msg=f"loss {tag}")
     assert grad.dtype == student.dtype and grad.shape == student.shape
     mask = tvd_mask(student, teacher, options.get("temperature", 1.0)) if options.get("divergence") == "tvd" else None

@@ -9,7 +9,7 @@ import torch
 
 import fastdistill
 from fastdistill.reference import fused_linear_distill_loss_ref
-from fastdistill.testing import assert_close_to_oracle, make_labels
+from fastdistill.testing import assert_close_to_oracle, make_labels, reduced_reference
 
 from conftest import backend_device
 
@@ -53,7 +53,15 @@ def check(backend, problem, labels=None, *, seed=0, grads=("student_hidden", "st
     ref_grads = torch.autograd.grad(ref, [low[k] for k in grads], upstream.to(ref.dtype)) if grads else ()
 
     tag = f"{backend} {options} {dtype} seed={seed}"
-    assert_close_to_oracle(out, oracle, ref.float(), msg=f"loss {tag}")
+    judge = ref.float()
+    if reduction != "none":
+        rows = {**ref_options, "reduction": "none"}
+        judge = reduced_reference(
+            fused_linear_distill_loss_ref(**problem, labels=labels, dtype=dtype, **rows).float(),
+            fused_linear_distill_loss_ref(**{k: v.double() if v is not None else None for k, v in problem.items()},
+                                          labels=labels, **rows),
+            oracle, labels=labels, reduction=reduction, num_items=options.get("num_items"))
+    assert_close_to_oracle(out, oracle, judge, msg=f"loss {tag}")
     roundings = 1 if reduction == "batchmean" or dtype == torch.float32 else 2
     if backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
         roundings += 1  # the interpreter truncates fp32 -> bf16 casts

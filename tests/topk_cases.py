@@ -7,7 +7,7 @@ import torch
 
 import fastdistill
 from fastdistill.reference.topk_distill_loss import _category_logs, topk_distill_loss_ref
-from fastdistill.testing import assert_close_to_oracle, make_logits
+from fastdistill.testing import assert_close_to_oracle, make_logits, reduced_reference
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
 TAILS = ("renormalize", "bucket")
@@ -62,7 +62,16 @@ def check_topk_against_oracle(backend, student, lp, ids, labels=None, *, seed=0,
     ref_grad = _grad(ref, s_low, upstream.float())
 
     tag = f"{backend} {options} k={ids.shape[-1]} dtype={student.dtype}/{lp.dtype} seed={seed}"
-    assert_close_to_oracle(out, oracle, ref, msg=f"loss {tag}")
+    if reduction != "none":
+        rows_options = {**options, "reduction": "none"}
+        ref = reduced_reference(topk_distill_loss_ref(student, lp, ids, labels, **rows_options),
+                                topk_distill_loss_ref(student.double(), lp.double(), ids, labels, **rows_options),
+                                oracle, labels=labels, reduction=reduction, num_items=options.get("num_items"),
+                                ignore_index=options.get("ignore_index", -100))
+    # Known limitation: triton's bucket tail forms log q_rest from fp32 logs of O(log V) row sums, so
+    # its row losses carry a few fp32 ulps of 1 in absolute error (the cpu kernel works in double).
+    loose = backend == "triton" and options.get("tail") == "bucket"
+    assert_close_to_oracle(out, oracle, ref, abs_floor=1e-6 if loose else None, msg=f"loss {tag}")
     assert grad.dtype == student.dtype and grad.shape == student.shape
     mask = None
     if options.get("divergence") == "tvd":

@@ -125,17 +125,22 @@ def _check_tensors(student, teacher, labels):
                          f"shape {tuple(student.shape)}")
     if teacher.device != student.device:
         raise ValueError(f"teacher_logits: on {teacher.device}, student_logits on {student.device}")
+    _check_labels(labels, student, "student_logits", "the logits without V")
+
+
+def _check_labels(labels, rows_like: torch.Tensor, rows_name: str, shape_hint: str) -> None:
+    """labels: None, or integers of shape rows_like.shape[:-1] on rows_like's device."""
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels: expected a torch.Tensor or None, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
-    if labels.shape != student.shape[:-1]:
-        raise ValueError(f"labels: expected shape {tuple(student.shape[:-1])} (the logits without V), "
+    if labels.shape != rows_like.shape[:-1]:
+        raise ValueError(f"labels: expected shape {tuple(rows_like.shape[:-1])} ({shape_hint}), "
                          f"got {tuple(labels.shape)}")
-    if labels.device != student.device:
-        raise ValueError(f"labels: on {labels.device}, student_logits on {student.device}")
+    if labels.device != rows_like.device:
+        raise ValueError(f"labels: on {labels.device}, {rows_name} on {rows_like.device}")
 
 
 def _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels):

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 
 from fastdistill import dispatch
-from fastdistill.ops.distill_loss import (_as_rows, _check_number, _check_options, _native_op, _resolve, _row_scale,
-                                          distill_loss_triton)
+from fastdistill.ops.distill_loss import (_as_rows, _check_labels, _check_number, _check_options, _native_op,
+                                          _resolve, _row_scale, distill_loss_triton)
 from fastdistill.ops.fused_linear_chunks import auto_chunk_size, run_chunks
 from fastdistill.reference.distill_loss import DIVERGENCES
 from fastdistill.reference.fused_linear_distill_loss import fused_linear_distill_loss_chunked_ref
@@ -197,16 +197,7 @@ def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, 
                          f"student_hidden's {tuple(student_hidden.shape[:-1])} (one row per token in both)")
     if teacher_hidden.device != student_hidden.device:
         raise ValueError(f"teacher_hidden: on {teacher_hidden.device}, student_hidden on {student_hidden.device}")
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels: expected a torch.Tensor or None, got {type(labels).__name__}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels: expected an integer tensor, got {labels.dtype}")
-        if labels.shape != student_hidden.shape[:-1]:
-            raise ValueError(f"labels: expected shape {tuple(student_hidden.shape[:-1])} (the hidden states "
-                             f"without H), got {tuple(labels.shape)}")
-        if labels.device != student_hidden.device:
-            raise ValueError(f"labels: on {labels.device}, student_hidden on {student_hidden.device}")
+    _check_labels(labels, student_hidden, "student_hidden", "the hidden states without H")
 
 
 def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,

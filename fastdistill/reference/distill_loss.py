@@ -34,13 +34,10 @@ def _log_mix(log_a: torch.Tensor, wa: float, log_b: torch.Tensor, wb: float) -> 
     return torch.where(dead, torch.full_like(out, -math.inf), out)
 
 
-def divergence_ref(student: torch.Tensor, teacher: torch.Tensor, divergence: str, temperature: float,
-                   beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
-    """Per-row divergence D of (..., V) logits in the compute dtype (no T², no weights)."""
-    if divergence == "mse":
-        return (student - teacher).square().mean(-1)
-    log_q = F.log_softmax(student / temperature, dim=-1)
-    log_p = F.log_softmax(teacher / temperature, dim=-1).detach()
+def divergence_from_logs(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float = 0.5,
+                         skew: float = 0.1) -> torch.Tensor:
+    """D(p ‖ q) over the last dim from log-probabilities. p is used as given (top-k's bucket tail
+    passes a p that may not sum to exactly 1)."""
     p, q = log_p.exp(), log_q.exp()
     if divergence == "kl" or (divergence == "jsd" and beta == 0.0):
         return _weighted_log_ratio(p, log_p, log_q)
@@ -55,7 +52,20 @@ def divergence_ref(student: torch.Tensor, teacher: torch.Tensor, divergence: str
         return _weighted_log_ratio(p, log_p, _log_mix(log_p, skew, log_q, 1.0 - skew))
     if divergence == "skew_reverse_kl":
         return _weighted_log_ratio(q, log_q, _log_mix(log_p, 1.0 - skew, log_q, skew))
-    raise ValueError(f"divergence: unknown {divergence!r}; expected one of {DIVERGENCES}")
+    raise ValueError(f"divergence: {divergence!r} is not a divergence of distributions; expected one of "
+                     f"{DIVERGENCES[:-1]}")
+
+
+def divergence_ref(student: torch.Tensor, teacher: torch.Tensor, divergence: str, temperature: float,
+                   beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
+    """Per-row divergence D of (..., V) logits in the compute dtype (no T², no weights)."""
+    if divergence == "mse":
+        return (student - teacher).square().mean(-1)
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence: unknown {divergence!r}; expected one of {DIVERGENCES}")
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1).detach()
+    return divergence_from_logs(log_p, log_q, divergence, beta, skew)
 
 
 def distill_loss_rows_ref(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, *,
@@ -88,6 +98,11 @@ def distill_loss_ref(student: torch.Tensor, teacher: torch.Tensor, labels: torch
                      reduction: str = "batchmean", num_items=None, **options) -> torch.Tensor:
     """The reference distill_loss: same options and semantics as fastdistill.distill_loss."""
     rows = distill_loss_rows_ref(student, teacher, labels, **options)
+    return reduce_rows(rows, labels, reduction, num_items, options.get("ignore_index", -100))
+
+
+def reduce_rows(rows: torch.Tensor, labels, reduction: str, num_items, ignore_index: int) -> torch.Tensor:
+    """The losses' reductions: "none", "sum", "batchmean" (/ num_items, or / valid rows)."""
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -95,5 +110,5 @@ def distill_loss_ref(student: torch.Tensor, teacher: torch.Tensor, labels: torch
         return total
     if num_items is not None:
         return total / num_items
-    count = rows.numel() if labels is None else (labels != options.get("ignore_index", -100)).sum()
+    count = rows.numel() if labels is None else (labels != ignore_index).sum()
     return total / max(count, 1) if isinstance(count, int) else total / count.clamp(min=1)

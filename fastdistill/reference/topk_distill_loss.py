@@ -11,30 +11,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdistill.reference.distill_loss import _log_mix, _weighted_log_ratio
+from fastdistill.reference.distill_loss import divergence_from_logs, reduce_rows
 
 TAILS = ("renormalize", "bucket")
-
-
-def _category_divergence(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float,
-                         skew: float) -> torch.Tensor:
-    """D(p ‖ q) over the last dim from log-probabilities, with p used as given (it may not sum to
-    exactly 1: bucket tail with rounded log-probs). Same formulas as divergence_ref."""
-    p, q = log_p.exp(), log_q.exp()
-    if divergence == "kl" or (divergence == "jsd" and beta == 0.0):
-        return _weighted_log_ratio(p, log_p, log_q)
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        return _weighted_log_ratio(q, log_q, log_p)
-    if divergence == "jsd":
-        log_m = _log_mix(log_p, beta, log_q, 1.0 - beta)
-        return beta * _weighted_log_ratio(p, log_p, log_m) + (1.0 - beta) * _weighted_log_ratio(q, log_q, log_m)
-    if divergence == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if divergence == "skew_kl":
-        return _weighted_log_ratio(p, log_p, _log_mix(log_p, skew, log_q, 1.0 - skew))
-    if divergence == "skew_reverse_kl":
-        return _weighted_log_ratio(q, log_q, _log_mix(log_p, 1.0 - skew, log_q, skew))
-    raise ValueError(f"divergence: {divergence!r} is not supported by topk_distill_loss")
 
 
 def _masked_logsumexp(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -98,7 +77,7 @@ def topk_distill_loss_rows_ref(student: torch.Tensor, teacher_topk_logprobs: tor
                         torch.ones((), dtype=dtype, device=z.device))
     log_p, log_q = _category_logs(z, lp, ids, tail, temperature)
     coef = soft_weight * (temperature ** 2 if scale_t2 else 1.0)
-    rows = coef * _category_divergence(log_p, log_q, divergence, beta, skew)
+    rows = coef * divergence_from_logs(log_p, log_q, divergence, beta, skew)
     if hard_weight != 0.0:
         if labels is None:
             raise ValueError("labels: required when hard_weight != 0")
@@ -115,12 +94,4 @@ def topk_distill_loss_ref(student: torch.Tensor, teacher_topk_logprobs: torch.Te
                           reduction: str = "batchmean", num_items=None, **options) -> torch.Tensor:
     """The reference topk_distill_loss: same options and semantics as fastdistill.topk_distill_loss."""
     rows = topk_distill_loss_rows_ref(student, teacher_topk_logprobs, teacher_topk_indices, labels, **options)
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if num_items is not None:
-        return total / num_items
-    count = rows.numel() if labels is None else (labels != options.get("ignore_index", -100)).sum()
-    return total / max(count, 1) if isinstance(count, int) else total / count.clamp(min=1)
+    return reduce_rows(rows, labels, reduction, num_items, options.get("ignore_index", -100))
