@@ -362,21 +362,9 @@ std::tuple<at::Tensor, at::Tensor> topk_distill_loss_cpu(
                     "teacher_topk_logprobs/teacher_topk_indices: the k dimension must be contiguous");
   TORCH_CHECK_VALUE(logprobs.device() == student.device() && indices.device() == student.device(),
                     "teacher_topk_logprobs/teacher_topk_indices: expected on ", student.device());
-  const int64_t* lab = nullptr;
   at::Tensor lab_c;
-  if (labels.has_value()) {
-    lab_c = labels->contiguous();
-    lab = lab_c.data_ptr<int64_t>();
-    if (hard_weight != 0.0) {
-      for (int64_t r = 0; r < N; ++r) {
-        TORCH_CHECK_VALUE(lab[r] == ignore_index || (lab[r] >= 0 && lab[r] < V), "labels: value ", lab[r],
-                          " at row ", r, " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-      }
-    }
-  }
-  at::Tensor loss = new_output({N}, student.options().dtype(at::kFloat));
-  const std::vector<int64_t> grad_shape = compute_grad ? std::vector<int64_t>{N, V} : std::vector<int64_t>{0};
-  at::Tensor grad = new_output(grad_shape, student.options());
+  const int64_t* lab = cpu_labels(labels, V, hard_weight, ignore_index, lab_c);
+  auto [loss, grad] = new_loss_and_grad(student, N, V, compute_grad);
   Config cf;
   cf.rp = fd::make_row_params((int)divergence, temperature, weight, (float)soft_weight, (float)hard_weight, scale_t2,
                               V);

@@ -72,4 +72,28 @@ inline void check_distill_inputs(const at::Tensor& student, const at::Tensor& te
   TORCH_CHECK_VALUE(weight >= 0 && weight <= 1, "beta/skew: must be in [0, 1], got ", weight);
 }
 
+// CPU kernels: the labels as a contiguous int64 buffer (held by `holder`), nullptr without labels.
+// With a hard-label term every label must be ignore_index or in [0, V): checked here, on the host.
+inline const int64_t* cpu_labels(const std::optional<at::Tensor>& labels, int64_t V, double hard_weight,
+                                 int64_t ignore_index, at::Tensor& holder) {
+  if (!labels.has_value()) return nullptr;
+  holder = labels->contiguous();
+  const int64_t* lab = holder.data_ptr<int64_t>();
+  if (hard_weight != 0.0) {
+    for (int64_t r = 0; r < holder.numel(); ++r) {
+      TORCH_CHECK_VALUE(lab[r] == ignore_index || (lab[r] >= 0 && lab[r] < V), "labels: value ", lab[r],
+                        " at row ", r, " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
+    }
+  }
+  return lab;
+}
+
+// The (row losses float32 [N], gradient [N, V] in the student's dtype or an empty tensor) outputs.
+inline std::pair<at::Tensor, at::Tensor> new_loss_and_grad(const at::Tensor& student, int64_t N, int64_t V,
+                                                           bool compute_grad) {
+  at::Tensor loss = new_output({N}, student.options().dtype(at::kFloat));
+  const std::vector<int64_t> grad_shape = compute_grad ? std::vector<int64_t>{N, V} : std::vector<int64_t>{0};
+  return {loss, new_output(grad_shape, student.options())};
+}
+
 }  // namespace fastdistill

@@ -231,6 +231,10 @@ def pick_block_v(V: int, interpret: bool) -> int:
     return max(16, min(cap, triton.next_power_of_2(V)))
 
 
+def pick_num_warps(block_v: int) -> int:
+    return 4 if block_v <= 2048 else (8 if block_v <= 4096 else 16)
+
+
 def distill_loss_triton_launch(student, teacher, labels, scale, loss, grad, *, divergence: int, inv_t: float,
                                w: float, log_w: float, log_1mw: float, soft_coef: float, grad_coef: float,
                                hard_weight: float, ignore_index: int, interpret: bool) -> None:
@@ -240,7 +244,7 @@ def distill_loss_triton_launch(student, teacher, labels, scale, loss, grad, *, d
     if N == 0:
         return
     block_v = pick_block_v(V, interpret)
-    num_warps = 4 if block_v <= 2048 else (8 if block_v <= 4096 else 16)
+    num_warps = pick_num_warps(block_v)
     write = grad is not None
     ce = hard_weight != 0.0 and labels is not None
     _distill_loss_kernel[(N,)](

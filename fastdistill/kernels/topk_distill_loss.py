@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fastdistill.kernels.distill_loss import (KL, NAN, NEG_INF, _f32, _grad_s, _log_sum, _online_softmax,
-                                              _row_terms, pick_block_v)
+                                              _row_terms, pick_block_v, pick_num_warps)
 
 TINY_REST = tl.constexpr(1e-20)
 REST_BLOCK_V = 32  # positions per step of the rare rest-max sweep ([REST_BLOCK_V, BLOCK_K] compares)
@@ -269,7 +269,7 @@ def topk_distill_loss_triton_launch(student, logprobs, indices, labels, scale, l
     if N == 0:
         return
     block_v = pick_block_v(V, interpret)
-    num_warps = 4 if block_v <= 2048 else (8 if block_v <= 4096 else 16)
+    num_warps = pick_num_warps(block_v)
     write = grad is not None
     ce = hard_weight != 0.0 and labels is not None
     _topk_distill_loss_kernel[(N,)](
