@@ -29,12 +29,8 @@ MODES = ("fwd", "bwd", "full")
 def providers(device: str, divergence: str) -> list[str]:
     out = ["eager", "compile"] + (["torch_formula"] if divergence == "kl" else [])
     out += ["fastdistill-cpu"] if device == "cpu" else ["fastdistill-triton", "fastdistill-cuda"]
-    if device == "cuda" and divergence in ("kl", "reverse_kl", "jsd"):
-        try:
-            import liger_kernel  # noqa: F401
-            out.append("liger-jsd")
-        except ImportError:
-            pass
+    if device == "cuda" and divergence in ("kl", "reverse_kl", "jsd") and harness.liger_installed():
+        out.append("liger-jsd")
     return out
 
 
@@ -133,9 +129,7 @@ def main(argv=None) -> int:
                        "temperature": args.temperature, "provider": provider, "mode": mode, **r,
                        "copy_gbps": bandwidth, "floor_ms": floor_ms}
                 results.append(row)
-                print(f"  {div:>10} {provider:>20} {mode:>4}: " + (
-                    f"{r['median_ms']:9.2f} ms  peak +{r['peak_mem_mb']:8.1f} MB" if "error" not in r
-                    else f"failed: {r['error']}"), flush=True)
+                print(f"  {div:>10} {provider:>20} {mode:>4}: {harness.describe(r)}", flush=True)
 
     for row in results:  # ratios within this run
         same = {r["provider"]: r for r in results if r["divergence"] == row["divergence"] and r["mode"] == row["mode"]}
@@ -146,14 +140,8 @@ def main(argv=None) -> int:
                 row[f"x_{ref}"] = row["median_ms"] / same[ref]["median_ms"]
         if row["mode"] == "full":
             row["x_floor"] = row["median_ms"] / floor_ms
-    name = args.out or f"distill_loss_{args.device}"
-    path = harness.write_csv(name, results)
-    if args.csv_dir:
-        harness.write_csv(name, results, args.csv_dir)
-    print(f"\nwrote {path}\n")
-    harness.print_table([r for r in results if "median_ms" in r],
-                        ["divergence", "provider", "mode", "median_ms", "peak_mem_mb", "x_eager", "x_compile",
-                         "x_floor"])
+    harness.finish(args.out or f"distill_loss_{args.device}", results, args.csv_dir,
+                   ["divergence", "provider", "mode", "median_ms", "peak_mem_mb", "x_eager", "x_compile", "x_floor"])
     return 0
 
 

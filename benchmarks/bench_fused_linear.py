@@ -30,12 +30,8 @@ MODES = ("fwd", "full")
 def providers(device: str, divergence: str) -> list[str]:
     out = ["eager", "compile", "fastdistill-reference"]
     out += ["fastdistill-cpu"] if device == "cpu" else ["fastdistill-triton", "fastdistill-cuda"]
-    if device == "cuda" and divergence in ("kl", "reverse_kl", "jsd"):
-        try:
-            import liger_kernel  # noqa: F401
-            out.append("liger-fused-linear-jsd")
-        except ImportError:
-            pass
+    if device == "cuda" and divergence in ("kl", "reverse_kl", "jsd") and harness.liger_installed():
+        out.append("liger-fused-linear-jsd")
     return out
 
 
@@ -140,9 +136,7 @@ def main(argv=None) -> int:
                        "h_s": h_s, "h_t": h_t, "vocab": vocab, "dtype": dtype, "provider": provider, "mode": mode,
                        **r, "gemm_tflops": rate, "floor_ms": floor_ms}
                 results.append(row)
-                print(f"  {provider:>24} {mode:>4}: " + (
-                    f"{r['median_ms']:9.1f} ms  peak +{r['peak_mem_mb']:8.1f} MB" if "error" not in r
-                    else f"failed: {r['error']}"), flush=True)
+                print(f"  {provider:>24} {mode:>4}: {harness.describe(r)}", flush=True)
     for row in results:  # ratios within this run
         if "median_ms" not in row:
             continue
@@ -154,14 +148,9 @@ def main(argv=None) -> int:
         if "median_ms" in same.get("compile", {}):
             row["x_compile_time"] = row["median_ms"] / same["compile"]["median_ms"]
         row["x_floor"] = row["median_ms"] / row["floor_ms"]
-    name = args.out or f"fused_linear_{args.device}"
-    path = harness.write_csv(name, results)
-    if args.csv_dir:
-        harness.write_csv(name, results, args.csv_dir)
-    print(f"\nwrote {path}\n")
-    harness.print_table([r for r in results if "median_ms" in r],
-                        ["tokens", "provider", "mode", "median_ms", "peak_mem_mb", "x_eager_time", "x_eager_mem",
-                         "x_compile_time", "x_floor"])
+    harness.finish(args.out or f"fused_linear_{args.device}", results, args.csv_dir,
+                   ["tokens", "provider", "mode", "median_ms", "peak_mem_mb", "x_eager_time", "x_eager_mem",
+                    "x_compile_time", "x_floor"])
     return 0
 
 

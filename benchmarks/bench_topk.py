@@ -144,9 +144,7 @@ def main(argv=None) -> int:
                        "temperature": args.temperature, "provider": provider, "mode": mode, **r,
                        "copy_gbps": bandwidth, "floor_ms": floor_ms}
                 results.append(row)
-                print(f"  k={k:<5} {tail:>11} {provider:>20} {mode:>4}: " + (
-                    f"{r['median_ms']:9.2f} ms  peak +{r['peak_mem_mb']:8.1f} MB" if "error" not in r
-                    else f"failed: {r['error']}"), flush=True)
+                print(f"  k={k:<5} {tail:>11} {provider:>20} {mode:>4}: {harness.describe(r)}", flush=True)
 
     for row in results:  # ratios within this run
         if "median_ms" not in row:
@@ -158,14 +156,9 @@ def main(argv=None) -> int:
                 row[f"x_{ref}"] = row["median_ms"] / same[ref]["median_ms"]
         if row["mode"] == "full":
             row["x_floor"] = row["median_ms"] / row["floor_ms"]
-    name = args.out or f"topk_distill_loss_{args.device}"
-    path = harness.write_csv(name, results)
-    if args.csv_dir:
-        harness.write_csv(name, results, args.csv_dir)
-    print(f"\nwrote {path}\n")
-    harness.print_table([r for r in results if "median_ms" in r],
-                        ["k", "tail", "provider", "mode", "median_ms", "peak_mem_mb", f"x_{FULL}", "x_eager",
-                         "x_compile", "x_floor"])
+    harness.finish(args.out or f"topk_distill_loss_{args.device}", results, args.csv_dir,
+                   ["k", "tail", "provider", "mode", "median_ms", "peak_mem_mb", f"x_{FULL}", "x_eager", "x_compile",
+                    "x_floor"])
     return 0
 
 

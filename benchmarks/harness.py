@@ -177,3 +177,28 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+def describe(result: dict) -> str:
+    """One measurement as printed by the benchmarks: time and peak memory, or why it failed."""
+    if "error" in result:
+        return f"failed: {result['error']}"
+    return f"{result['median_ms']:9.2f} ms  peak +{result['peak_mem_mb']:8.1f} MB"
+
+
+def liger_installed() -> bool:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def finish(name: str, results: list[dict], csv_dir: str | None, columns: list[str]) -> str:
+    """Writes benchmarks/results/<name>.csv (and a copy under csv_dir) and prints the summary table."""
+    path = write_csv(name, results)
+    if csv_dir:
+        write_csv(name, results, csv_dir)
+    print(f"\nwrote {path}\n")
+    print_table([r for r in results if "median_ms" in r], columns)
+    return path
