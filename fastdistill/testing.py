@@ -8,6 +8,7 @@ extreme logits) instead of one fixed atol/rtol.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -17,8 +18,9 @@ import torch
 # Losses are float32 for every input dtype (math in fp32 on the same rounded inputs): float32 row.
 TOLERANCES = {
     # fp32 gradients come from analytic formulas in the kernels and from autograd's chain rule in
-    # the reference: same conditioning, different rounding paths (seen up to ~3x at T = 0.5, jsd).
-    torch.float32: (4.0, 1e-6, 1e-7),
+    # the reference: same conditioning, different rounding paths (seen up to ~3x at T = 0.5, jsd, and
+    # 4.5x at T = 0.25, reverse_kl, found by the property test, where the reference was lucky).
+    torch.float32: (6.0, 1e-6, 1e-7),
     torch.bfloat16: (2.0, 2.0**-8, 1e-6),
     torch.float16: (2.0, 2.0**-11, 1e-6),
 }
@@ -99,13 +101,28 @@ def assert_close_to_oracle(actual: torch.Tensor, oracle: torch.Tensor, reference
 
 
 def reduced_reference(reference_rows: torch.Tensor, oracle_rows: torch.Tensor, oracle: torch.Tensor, *,
-                      labels=None, reduction: str, num_items=None, ignore_index: int = -100) -> torch.Tensor:
-    """Stand-in for the low-precision reference of a reduced (scalar) loss: oracle + the reduction of
-    the reference's per-row errors. Rows are rounded independently, so the reference's own total can
-    be right by luck (its row errors cancel) while a kernel's equally accurate rows add up; judge the
-    total by what the rows' errors allow."""
+                      labels=None, reduction: str, num_items=None, ignore_index: int = -100,
+                      abs_floor: float | None = None) -> torch.Tensor:
+    """Stand-in for the low-precision reference of a reduced (scalar) loss: a value whose error vs the
+    oracle is the reduction of the per-row allowances, each row's reference error plus the table's
+    absolute floor. Rows are rounded independently, so the reference's own total can be right by
+    luck (row errors cancel, or every row is exactly 0 as at V = 1) while a kernel's equally accurate
+    rows add up."""
     from fastdistill.reference.distill_loss import reduce_rows
 
-    bound = reduce_rows((reference_rows.double() - oracle_rows.double()).abs(), labels, reduction, num_items,
-                        ignore_index)
-    return (oracle.double() + bound).to(reference_rows.dtype)
+    floor = TOLERANCES[reference_rows.dtype][2] if abs_floor is None else abs_floor
+    row_err = (reference_rows.double() - oracle_rows.double()).abs() + floor
+    bound = reduce_rows(row_err, labels, reduction, num_items, ignore_index).double()
+    oracle = oracle.double()
+    standin = (oracle + bound).to(reference_rows.dtype)
+    while (standin.double() - oracle).abs() < bound:  # rounding to the dtype must not shrink the allowance
+        standin = torch.nextafter(standin, torch.full_like(standin, math.inf))
+    return standin
+
+
+def loss_abs_floor(options: dict) -> float:
+    """The float32 absolute floor for a row loss: the divergence's floor times its multiplier
+    soft_weight · T² (a divergence that is 0 up to rounding stays so only up to that factor)."""
+    t = options.get("temperature", 1.0)
+    coef = abs(options.get("soft_weight", 1.0)) * (t * t if options.get("scale_t2", True) else 1.0)
+    return TOLERANCES[torch.float32][2] * max(1.0, coef)

@@ -7,7 +7,7 @@ import torch
 
 import fastdistill
 from fastdistill.reference import distill_loss_ref
-from fastdistill.testing import assert_close_to_oracle, reduced_reference
+from fastdistill.testing import assert_close_to_oracle, loss_abs_floor, reduced_reference
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl", "mse")
 
@@ -49,8 +49,8 @@ def check_against_oracle(backend, student, teacher, labels=None, *, seed=0, **op
         ref = reduced_reference(distill_loss_ref(student, teacher, labels, **rows),
                                 distill_loss_ref(student.double(), teacher.double(), labels, **rows), oracle,
                                 labels=labels, reduction=reduction, num_items=options.get("num_items"),
-                                ignore_index=options.get("ignore_index", -100))
-    assert_close_to_oracle(out, oracle, ref, msg=f"loss {tag}")
+                                ignore_index=options.get("ignore_index", -100), abs_floor=loss_abs_floor(options))
+    assert_close_to_oracle(out, oracle, ref, abs_floor=loss_abs_floor(options), msg=f"loss {tag}")
     assert grad.dtype == student.dtype and grad.shape == student.shape
     mask = tvd_mask(student, teacher, options.get("temperature", 1.0)) if options.get("divergence") == "tvd" else None
     roundings = 1 if reduction == "batchmean" or student.dtype == torch.float32 else 2

@@ -164,9 +164,12 @@ def _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight
 
 
 def _resolve(divergence: str, beta: float, skew: float) -> tuple[int, float]:
-    """Kernel divergence code and weight; jsd at beta 0 / 1 is exactly kl / reverse_kl."""
+    """Kernel divergence code and weight; jsd at beta 0 / 1 is exactly kl / reverse_kl, and skew_kl /
+    skew_reverse_kl at skew 0 are exactly kl / reverse_kl (the mixture is the other distribution)."""
     if divergence == "jsd" and beta in (0.0, 1.0):
         return DIVERGENCE_CODES["kl" if beta == 0.0 else "reverse_kl"], 0.0
+    if divergence.startswith("skew") and skew == 0.0:
+        return DIVERGENCE_CODES["kl" if divergence == "skew_kl" else "reverse_kl"], 0.0
     weight = beta if divergence == "jsd" else skew if divergence.startswith("skew") else 0.0
     return DIVERGENCE_CODES[divergence], float(weight)
 
