@@ -163,15 +163,19 @@ def _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight
         _check_number("num_items", num_items, low=0.0, low_open=True)
 
 
-def _resolve(divergence: str, beta: float, skew: float) -> tuple[int, float]:
-    """Kernel divergence code and weight; jsd at beta 0 / 1 is exactly kl / reverse_kl, and skew_kl /
-    skew_reverse_kl at skew 0 are exactly kl / reverse_kl (the mixture is the other distribution)."""
+def _resolve(divergence: str, beta: float, skew: float, soft_weight: float) -> tuple[int, float, float]:
+    """Kernel divergence code, weight (beta or skew) and soft weight, with the exact endpoints:
+    jsd at beta 0 / 1 is kl / reverse_kl; skew_kl / skew_reverse_kl at skew 0 are kl / reverse_kl (the
+    mixture is the other distribution) and at skew 1 are identically 0 (the mixture is the compared
+    distribution itself), so the soft term is dropped there, also from the gradient."""
     if divergence == "jsd" and beta in (0.0, 1.0):
-        return DIVERGENCE_CODES["kl" if beta == 0.0 else "reverse_kl"], 0.0
+        return DIVERGENCE_CODES["kl" if beta == 0.0 else "reverse_kl"], 0.0, soft_weight
     if divergence.startswith("skew") and skew == 0.0:
-        return DIVERGENCE_CODES["kl" if divergence == "skew_kl" else "reverse_kl"], 0.0
+        return DIVERGENCE_CODES["kl" if divergence == "skew_kl" else "reverse_kl"], 0.0, soft_weight
+    if divergence.startswith("skew") and skew == 1.0:
+        return DIVERGENCE_CODES[divergence], 1.0, 0.0
     weight = beta if divergence == "jsd" else skew if divergence.startswith("skew") else 0.0
-    return DIVERGENCE_CODES[divergence], float(weight)
+    return DIVERGENCE_CODES[divergence], float(weight), soft_weight
 
 
 def _row_scale(reduction, num_items, labels, n_rows, ignore_index, device) -> torch.Tensor:
@@ -219,9 +223,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     lead = student_logits.shape[:-1]
     student, teacher = _as_rows(student_logits), _as_rows(teacher_logits.detach())
     rows_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
-    code, weight = _resolve(divergence, float(beta), float(skew))
-    if divergence.startswith("skew") and weight == 1.0:
-        soft_weight = 0.0  # the mixture is the compared distribution itself: D ≡ 0 (exactly, also its gradient)
+    code, weight, soft_weight = _resolve(divergence, float(beta), float(skew), float(soft_weight))
     scale = _row_scale(reduction, num_items, rows_labels, student.shape[0], ignore_index, student.device)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     op = distill_loss_triton if name == "triton" else _native_op(name)

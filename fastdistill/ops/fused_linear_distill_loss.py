@@ -234,9 +234,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     tw = teacher_weight.detach()
     tb = None if teacher_bias is None else teacher_bias.detach()
     rows_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
-    code, weight = _resolve(divergence, float(beta), float(skew))
-    if divergence.startswith("skew") and weight == 1.0:
-        soft_weight = 0.0  # as in distill_loss: the mixture is the compared distribution itself, D ≡ 0
+    code, weight, soft_weight = _resolve(divergence, float(beta), float(skew), float(soft_weight))
     scale = _row_scale(reduction, num_items, rows_labels, sh.shape[0], ignore_index, sh.device)
     grad_on = torch.is_grad_enabled()
     vocab = max(student_weight.shape[0], teacher_weight.shape[0])

@@ -159,9 +159,7 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
     student = _as_rows(student_logits)
     logprobs, indices = _as_rows(teacher_topk_logprobs.detach()), _as_rows(teacher_topk_indices)
     rows_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
-    code, weight = _resolve(divergence, float(beta), float(skew))
-    if divergence.startswith("skew") and weight == 1.0:
-        soft_weight = 0.0  # the mixture is the compared distribution itself: D ≡ 0 (exactly, also its gradient)
+    code, weight, soft_weight = _resolve(divergence, float(beta), float(skew), float(soft_weight))
     scale = _row_scale(reduction, num_items, rows_labels, student.shape[0], ignore_index, student.device)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
     op = topk_distill_loss_triton if name == "triton" else _native_op()
