@@ -37,4 +37,5 @@ step bench 90 $PY benchmarks/bench_distill_loss.py --device cuda --modes full fw
   --reps 10 --out distill_loss_h200 --csv-dir "$OUT"
 step bench_fused_linear 90 $PY benchmarks/bench_fused_linear.py --device cuda --tokens 8192 1024 --modes full \
   --reps 5 --out fused_linear_h200 --csv-dir "$OUT"
+step ceilings 60 $PY benchmarks/gpu_ceilings.py --csv-dir "$OUT"
 cat "$summary"

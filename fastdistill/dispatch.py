@@ -68,7 +68,9 @@ def _table(op: str) -> dict[str, Backend]:
     }
 
 
-OPS = ("distill_loss", "fused_linear_distill_loss", "topk_distill_loss")
+OPS = ("distill_loss", "fused_linear_distill_loss", "topk_distill_loss",
+       "block_sparse_linear", "semi_structured_linear",
+       "quantize_per_token", "int8_linear", "int8_weight_only_linear")
 
 
 def reason(op: str, backend: str, device_type: str, dtypes: tuple[torch.dtype, ...] = ()) -> str | None:

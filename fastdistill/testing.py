@@ -126,3 +126,16 @@ def loss_abs_floor(options: dict) -> float:
     t = options.get("temperature", 1.0)
     coef = abs(options.get("soft_weight", 1.0)) * (t * t if options.get("scale_t2", True) else 1.0)
     return TOLERANCES[torch.float32][2] * max(1.0, coef)
+
+
+def sqnr(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10·log10(‖expected‖² / ‖expected − actual‖²), in float64.
+
+    Identical tensors give +inf; used by the int8 and sparse tests and benchmarks.
+    """
+    e = expected.detach().double()
+    noise = (e - actual.detach().double()).pow(2).sum()
+    signal = e.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))
