@@ -85,3 +85,24 @@ def test_topk_kernel_compiles_for_sm90():
     assert len(results) == 8
     assert all(r["loads"] and not r["atomics"] for r in results), results
     assert all(r["fp64"] for r in results if r["bucket"]), results  # the rest mass is summed in fp64
+
+
+def test_kernel_globals_survive_tritons_launch_check():
+    """Compiled Triton re-checks every global a kernel used at each launch with `deepcopy(v) != v`; a
+    constexpr NaN fails it forever ("Global variable NAN has changed", seen on the H200 with triton 3.6).
+    The interpreter skips that check, so this test does it for every module under fastdistill/kernels."""
+    import copy
+    import importlib
+    import pkgutil
+
+    import triton.language as tl
+
+    import fastdistill.kernels as pkg
+
+    bad = []
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"fastdistill.kernels.{mod.name}")
+        for name, val in vars(module).items():
+            if isinstance(val, (tl.constexpr, int, float)) and copy.deepcopy(val) != val:
+                bad.append(f"{mod.name}.{name}")
+    assert not bad, f"globals that compare unequal to their own copy: {bad}"

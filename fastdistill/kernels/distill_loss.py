@@ -13,7 +13,8 @@ import triton.language as tl
 # Compiled (non-interpreted) Triton only lets kernels read globals that are tl.constexpr.
 KL, REVERSE_KL, JSD, TVD, SKEW_KL, SKEW_REVERSE_KL, MSE = (tl.constexpr(code) for code in range(7))
 NEG_INF = tl.constexpr(float("-inf"))
-NAN = tl.constexpr(float("nan"))
+# No NaN global: Triton re-checks a kernel's globals at every launch with `!=`, and NaN != NaN
+# ("Global variable NAN has changed" on GPU). Kernels write float("nan") inline instead.
 _MSE_CODE = 6  # for the host-side launcher
 
 
@@ -215,7 +216,7 @@ def _distill_loss_kernel(
     if CE:
         # An out-of-range label yields NaN (a kernel cannot raise); the CPU backend raises instead.
         in_range = (label >= 0) & (label < V)
-        z_label = tl.load(s_row + label, mask=valid & in_range, other=NAN).to(tl.float32)
+        z_label = tl.load(s_row + label, mask=valid & in_range, other=float("nan")).to(tl.float32)
         loss += hard_weight * ((m_z - z_label) + ls_z)
     tl.store(LOSS + row, tl.where(valid, loss * scale, 0.0))
 

@@ -17,7 +17,7 @@ undefined (the Python layer's validate=True rejects them).
 import triton
 import triton.language as tl
 
-from fastdistill.kernels.distill_loss import (KL, NAN, NEG_INF, _f32, _grad_s, _log_sum, _online_softmax,
+from fastdistill.kernels.distill_loss import (KL, NEG_INF, _f32, _grad_s, _log_sum, _online_softmax,
                                               _row_terms, pick_block_v, pick_num_warps)
 
 TINY_REST = tl.constexpr(1e-20)
@@ -217,9 +217,9 @@ def _topk_distill_loss_kernel(
     if CE:
         # An out-of-range label yields NaN (a kernel cannot raise); the CPU backend raises instead.
         in_range = (label >= 0) & (label < V)
-        z_label = tl.load(S + row * s_stride + label, mask=valid & in_range, other=NAN).to(tl.float32)
+        z_label = tl.load(S + row * s_stride + label, mask=valid & in_range, other=float("nan")).to(tl.float32)
         loss += hard_weight * ((m_z - z_label) + ls_z)
-    loss = tl.where(bad, NAN, loss)
+    loss = tl.where(bad, float("nan"), loss)
     tl.store(LOSS + row, tl.where(valid, loss * scale, 0.0))
 
     if WRITE:
@@ -241,7 +241,7 @@ def _topk_distill_loss_kernel(
                 g += tl.exp(tl.minimum(z * inv_t - shift_r, 0.0)) * a_rest
             if CE:
                 g += hc * (tl.exp((z - m_z) - ls_z) - tl.where(offs == label, 1.0, 0.0))
-            g = tl.where(bad, NAN, tl.where(valid, g, 0.0))
+            g = tl.where(bad, float("nan"), tl.where(valid, g, 0.0))
             tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the sweep's stores land before the ids' stores to the same row
         for c0 in range(0, K, BLOCK_K):
