@@ -4,8 +4,8 @@ Importing fastdistill neither initialises CUDA nor compiles anything; the extens
 load on first use.
 """
 from fastdistill.cache import TeacherCache
-from fastdistill.nn import DistillLoss, FusedLinearDistillLoss
-from fastdistill.ops import distill_loss, fused_linear_distill_loss, topk_distill_loss
+from fastdistill.nn import DistillLoss, FusedLinearDistillLoss, HiddenDistillLoss
+from fastdistill.ops import distill_loss, fused_linear_distill_loss, hidden_distill_loss, topk_distill_loss
 
 __version__ = "0.1.0"
 
@@ -30,5 +30,5 @@ def info() -> dict:
     return out
 
 
-__all__ = ["DistillLoss", "FusedLinearDistillLoss", "TeacherCache", "distill_loss", "fused_linear_distill_loss",
-           "info", "topk_distill_loss", "__version__"]
+__all__ = ["DistillLoss", "FusedLinearDistillLoss", "HiddenDistillLoss", "TeacherCache", "distill_loss",
+           "fused_linear_distill_loss", "hidden_distill_loss", "info", "topk_distill_loss", "__version__"]

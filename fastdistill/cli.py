@@ -1,4 +1,4 @@
-"""Command line: `fastdistill demo | info | bench` (also `python -m fastdistill ...`)."""
+"""Command line: `fastdistill demo | run CONFIG.yaml | info | bench` (also `python -m fastdistill ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -9,12 +9,80 @@ import sys
 
 
 def _demo(args) -> int:
-    from fastdistill.demo import DemoConfig, format_report, run_demo
+    from fastdistill.pipeline import demo_config
 
-    cfg = DemoConfig(seed=args.seed)
-    report = run_demo(cfg)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    cfg = demo_config(args.seed)
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    return _run_pipeline(cfg, args)
+
+
+def _run(args) -> int:
+    from fastdistill.pipeline import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        print(f"fastdistill run: config error: {e}", file=sys.stderr)
+        return 2
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    return _run_pipeline(cfg, args)
+
+
+def _run_pipeline(cfg, args) -> int:
+    """Runs the built-in pipeline (under torchrun: one process of a DDP run), prints the table or JSON."""
+    from fastdistill.pipeline import CheckpointError, NonFiniteError, run_builtin
+    from fastdistill.pipeline.report import table
+
+    rank = _init_distributed()
+    try:
+        summary = run_builtin(cfg, resume=args.resume, progress=not args.no_progress)
+        verify = None
+        if args.verify_repro:
+            verify = _verify_repro(cfg, summary, progress=not args.no_progress)
+    except (CheckpointError, NonFiniteError) as e:
+        print(f"fastdistill: {e}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        if args.json:
+            out = {k: v for k, v in summary.items() if k not in ("weight_stats", "histories")}
+            print(json.dumps({**out, "verify_repro": verify}, indent=2))
+        else:
+            print(table(summary))
+            print(f"report: {os.path.join(cfg.output_dir, 'report.md')} ({summary['seconds']:.1f} s)")
+            if verify is not None:
+                print(verify["message"])
+    return 0 if verify is None or verify["ok"] else 1
+
+
+def _verify_repro(cfg, first: dict, progress: bool) -> dict:
+    """Runs the same config again in <output_dir>/repro-check and compares every stage's weight hash."""
+    import copy
+
+    from fastdistill.pipeline import run_builtin
+
+    again = copy.deepcopy(cfg)
+    again.output_dir = os.path.join(cfg.output_dir, "repro-check")
+    second = run_builtin(again, resume=False, progress=progress)
+    a = {r["stage"]: r["weights_sha256"] for r in first["stages"]}
+    b = {r["stage"]: r["weights_sha256"] for r in second["stages"]}
+    differ = [s for s in a if a[s] != b.get(s)]
+    msg = ("verify-repro: OK, every stage's weights hash matched on a second run" if not differ else
+           f"verify-repro: FAILED, the weights differ between two runs after stage(s): {', '.join(differ)}")
+    return {"ok": not differ, "differ": differ, "first": a, "second": b, "message": msg}
+
+
+def _init_distributed() -> int:
+    """Under torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU. Returns this process's rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank()
 
 
 def _info(args) -> int:
@@ -33,13 +101,26 @@ def _bench(args) -> int:
     return subprocess.call([sys.executable, script, *args.rest])
 
 
+def _run_options(p):
+    p.add_argument("--output-dir", help="override the config's output_dir")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
+    p.add_argument("--verify-repro", action="store_true",
+                   help="run twice and fail unless every stage's weights hash matches")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastdistill", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="distill a digits classifier (scikit-learn's bundled data) and report accuracy")
+    p = sub.add_parser("demo", help="the built-in distill -> prune -> quantize run on scikit-learn's bundled digits")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _run_options(p)
     p.set_defaults(fn=_demo)
+    p = sub.add_parser("run", help="run the pipeline described by a YAML config (see examples/pipeline_digits.yaml)")
+    p.add_argument("config")
+    _run_options(p)
+    p.set_defaults(fn=_run)
     p = sub.add_parser("info", help="backends, extension build and versions, as JSON")
     p.set_defaults(fn=_info)
     p = sub.add_parser("bench", help="run benchmarks/bench_distill_loss.py (arguments are passed through)")
