@@ -35,7 +35,7 @@ def _run_pipeline(cfg, args) -> int:
     from fastdistill.pipeline import CheckpointError, NonFiniteError, run_builtin
     from fastdistill.pipeline.report import table
 
-    rank = _init_distributed()
+    rank = _init_distributed(cfg)
     try:
         summary = run_builtin(cfg, resume=args.resume, progress=not args.no_progress)
         verify = None
@@ -73,15 +73,20 @@ def _verify_repro(cfg, first: dict, progress: bool) -> dict:
     return {"ok": not differ, "differ": differ, "first": a, "second": b, "message": msg}
 
 
-def _init_distributed() -> int:
-    """Under torchrun (WORLD_SIZE > 1): gloo on CPU, nccl on GPU. Returns this process's rank."""
+def _init_distributed(cfg) -> int:
+    """Under torchrun (WORLD_SIZE > 1): gloo for a CPU run, nccl for a GPU run. Returns this process's rank."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0
     import torch
     import torch.distributed as dist
 
+    from fastdistill.pipeline import resolve_device
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank()
 
 

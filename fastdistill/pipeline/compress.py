@@ -83,14 +83,15 @@ def quantize_stage(p) -> None:
     masks = getattr(p, "prune_masks", {})
     remove_masks(model)  # the int8 layers replace the masked Linears; their masks are re-applied below
 
-    def wanted(name, module):
+    def wanted(module, name):
         g = _group_of(name, cfg.groups)
-        return isinstance(module, nn.Linear) and not (g is not None and g.skip)
+        return type(module) is nn.Linear and not (g is not None and g.skip)
 
-    if cfg.smooth_alpha is not None:
-        batches = [b for b in p.x.split(256)[:cfg.calibration_batches]]
-        quant.calibrate(model, batches, smooth_alpha=cfg.smooth_alpha, filter_fn=wanted)
-    quant.quantize_(model, cfg.mode, filter_fn=wanted, group_size=cfg.group_size, trainable=True)
+    smooth = None
+    if cfg.smooth_alpha is not None and cfg.mode == "w8a8":  # w8a16 keeps float activations: nothing to smooth
+        factors = quant.calibrate(model, list(p.x.split(256)[:cfg.calibration_batches]), smooth_alpha=cfg.smooth_alpha)
+        smooth = {n: f for n, f in factors.items() if wanted(model.get_submodule(n), n)}
+    quant.quantize_(model, cfg.mode, filter_fn=wanted, group_size=cfg.group_size, smooth=smooth, trainable=True)
     masked = {n: masks[n] for n, m in model.named_modules() if n in masks and isinstance(m, quant.Int8Linear)}
 
     def after_step(_step):  # pruned weights stay zero in the master weights, so they quantize to exact 0
@@ -101,4 +102,4 @@ def quantize_stage(p) -> None:
 
     after_step(0)
     p._distill_stage("quantize", model, cfg.epochs, cfg.optim, after_step)
-    quant.freeze_(model)
+    quant.freeze_(model)  # trainable int8 layers → int8 weights and scales only

@@ -196,6 +196,7 @@ class Config:
     seed: int = 0
     output_dir: str = "runs/demo"
     deterministic: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "cpu"  # auto: cuda when available; under torchrun, cuda:LOCAL_RANK
     data: Data = field(default_factory=Data)
     models: Models = field(default_factory=Models)
     teacher: Teacher = field(default_factory=Teacher)

@@ -35,7 +35,12 @@ def size_on_disk(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int) -> float:
-    """Median CPU wall time of one forward pass over a batch, after warm-up (ms)."""
+    """Median CPU wall time of one forward pass over a batch, after warm-up (ms); a GPU model is timed
+    on a CPU copy (the figure the report compares is CPU serving latency)."""
+    import copy
+
+    if any(t.device.type != "cpu" for t in model.state_dict().values()):
+        model = copy.deepcopy(model).cpu()
     model = model.eval()
     x = x.cpu()
     for _ in range(3):
