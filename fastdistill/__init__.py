@@ -1,11 +1,15 @@
 """fastdistill: fused knowledge-distillation losses and compression kernels for PyTorch.
 
-Importing fastdistill neither initialises CUDA nor compiles anything; the extension and triton
-load on first use.
+Importing fastdistill loads the compiled extension when it is built (the sparse ops register the
+fake implementations of its kernels then) but neither initialises CUDA nor compiles anything;
+triton loads on first use.
 """
 from fastdistill.cache import TeacherCache
-from fastdistill.nn import DistillLoss, FusedLinearDistillLoss, HiddenDistillLoss
-from fastdistill.ops import distill_loss, fused_linear_distill_loss, hidden_distill_loss, topk_distill_loss
+from fastdistill import quant, sparse  # noqa: F401  (fastdistill.quant.*, fastdistill.sparse.*)
+from fastdistill.nn import DistillLoss, FusedLinearDistillLoss, HiddenDistillLoss, Int8Linear, SparseLinear
+from fastdistill.ops import (block_sparse_linear, distill_loss, fused_linear_distill_loss, hidden_distill_loss,
+                             int8_linear, int8_weight_only_linear, quantize_per_token, semi_structured_linear,
+                             topk_distill_loss)
 
 __version__ = "0.1.0"
 
@@ -30,5 +34,7 @@ def info() -> dict:
     return out
 
 
-__all__ = ["DistillLoss", "FusedLinearDistillLoss", "HiddenDistillLoss", "TeacherCache", "distill_loss",
-           "fused_linear_distill_loss", "hidden_distill_loss", "info", "topk_distill_loss", "__version__"]
+__all__ = ["DistillLoss", "FusedLinearDistillLoss", "HiddenDistillLoss", "Int8Linear", "SparseLinear", "TeacherCache",
+           "block_sparse_linear", "distill_loss", "fused_linear_distill_loss", "hidden_distill_loss", "info",
+           "int8_linear", "int8_weight_only_linear", "quant", "quantize_per_token", "semi_structured_linear", "sparse",
+           "topk_distill_loss", "__version__"]

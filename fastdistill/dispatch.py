@@ -55,7 +55,9 @@ def _extension_reason(backend: Backend, device_type: str) -> str | None:
 
 # The extension op family each op's cpu/cuda backends run (default: the op's own name). The fused
 # linear loss does its GEMMs through aten and its loss through the distill_loss kernels.
-NATIVE_FAMILY = {"fused_linear_distill_loss": "distill_loss"}
+NATIVE_FAMILY = {"fused_linear_distill_loss": "distill_loss",
+                 "block_sparse_linear": "block_sparse_linear_fwd",  # + _dx_/_dw_ ops, same backend
+                 "int8_linear": "int8_linear_epilogue"}  # cuda: torch._int_mm + epilogue; cpu: + int8_linear_cpu
 
 
 def _table(op: str) -> dict[str, Backend]:

@@ -10,6 +10,7 @@ import torch.utils.cpp_extension as cpp_ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_FILES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+BINDINGS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
 NVCC = shutil.which("nvcc") or (os.path.join(cpp_ext.CUDA_HOME, "bin", "nvcc") if cpp_ext.CUDA_HOME else None)
 needs_nvcc = pytest.mark.skipif(NVCC is None or not os.path.exists(NVCC), reason="nvcc not found")
 
@@ -29,8 +30,9 @@ def test_nvcc_compiles(path, tmp_path):
 
 
 @needs_nvcc
-def test_cuda_bindings_parse(tmp_path):
-    """bindings.cpp against torch's headers (the CPU wheel lacks one generated CUDA header: stub it)."""
+@pytest.mark.parametrize("path", BINDINGS, ids=[os.path.basename(p) for p in BINDINGS])
+def test_cuda_bindings_parse(path, tmp_path):
+    """The CUDA bindings against torch's headers (the CPU wheel lacks one generated CUDA header: stub it)."""
     homes = [cpp_ext.CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda",
              os.path.dirname(os.path.dirname(os.path.realpath(NVCC)))]
     found = [h for h in homes if h and os.path.exists(os.path.join(h, "include", "cuda_runtime_api.h"))]
@@ -43,6 +45,6 @@ def test_cuda_bindings_parse(tmp_path):
     includes = [str(tmp_path), os.path.join(ROOT, "csrc", "include"), cuda_include,
                 sysconfig.get_paths()["include"], *cpp_ext.include_paths()]
     cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DFD_WITH_CUDA", *[f"-I{i}" for i in includes],
-           os.path.join(ROOT, "csrc", "cuda", "bindings.cpp")]
+           path]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-4000:]

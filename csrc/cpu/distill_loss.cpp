@@ -12,18 +12,12 @@
 
 #include "fd_divergence.h"
 #include "fd_checks.h"
+#include "fd_cpu_isa.h"
 
 namespace fastdistill {
 namespace {
 
 using fd::RowParams;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FD_CLONES
-#endif
-#define FD_INLINE inline __attribute__((always_inline))
 
 // Softmax of one row x * a: log p_k = (x_k * a - max) - log_sum, p_k = e_k * inv_sum with
 // e_k = exp(x_k * a - max) kept from the sum (one exp per element per softmax, not two).

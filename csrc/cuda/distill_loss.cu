@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include "fd_cuda_launch.h"
+#include "fd_cuda_mma.h"
 #include "fd_divergence.h"
 
 namespace fastdistill {
@@ -16,23 +17,8 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
-template <typename T>
-__device__ __forceinline__ float to_f(T v);
-template <>
-__device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+using mma::from_f;  // element conversions shared with the tensor-core kernels (fd_cuda_mma.h)
+using mma::to_f;
 
 // Running softmax denominator: sum of exp(x - m) over the elements seen.
 struct SoftmaxAcc {

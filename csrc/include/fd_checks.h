@@ -33,9 +33,16 @@ inline void advise_huge_pages(const at::Tensor& t) {
 }
 
 // Outputs start as NaN when FASTDISTILL_POISON=1 (the tests set it), so unwritten elements fail.
+// With FASTDISTILL_POISON=1 floating outputs start as NaN and integer ones as their lowest value (-128
+// for int8, which the int8 quantizers never produce: they clamp to [-127, 127]), so unwritten elements
+// fail the tests.
 inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const char* poison = std::getenv("FASTDISTILL_POISON");
-  if (poison != nullptr && std::strcmp(poison, "1") == 0) return at::full(sizes, NAN, options);
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) {
+    if (at::isFloatingType(options.dtype().toScalarType())) return at::full(sizes, NAN, options);
+    TORCH_CHECK(options.dtype().toScalarType() == at::kChar, "new_output: poison value defined for int8 only");
+    return at::full(sizes, -128, options);
+  }
   at::Tensor out = at::empty(sizes, options);
   if (out.nbytes() >= (size_t(8) << 20)) advise_huge_pages(out);
   return out;

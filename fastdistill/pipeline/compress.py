@@ -49,7 +49,7 @@ def prune_stage(p) -> None:
     for (sparsity, pattern), names in plan.items():
         keep = set(names)
         kwargs = dict(block_size=tuple(cfg.block_size), criterion=cfg.criterion,
-                      filter_fn=lambda n, m, keep=keep: n in keep,
+                      filter_fn=lambda m, n, keep=keep: n in keep,  # (module, name), as in quantize_
                       calibration=calibration if cfg.criterion == "wanda" else None)
         if pattern == "2:4":  # one fixed sparsity: pruned once, then recovered
             prune_(model, 0.5, pattern="2:4", **kwargs)
@@ -72,6 +72,22 @@ def prune_stage(p) -> None:
     p._distill_stage("prune", model, cfg.epochs, cfg.optim, after_step, extra_state, load_extra)
     p.prune_masks = {n: m.weight_mask.detach().clone() for n, m in model.named_modules()
                      if isinstance(getattr(m, "weight_mask", None), torch.Tensor)}
+
+
+def deployable(model: nn.Module) -> nn.Module:
+    """A copy of a pruned model in the storage it would ship in: block / 2:4 layers as SparseLinear
+    (compressed values + indices), unstructured layers as dense weights holding their zeros, no masks."""
+    import copy
+    import warnings
+
+    from fastdistill.sparse import remove_masks, sparsify_
+
+    out = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no pruned layers" / "unstructured stays dense" are expected here
+        sparsify_(out)
+    remove_masks(out)
+    return out
 
 
 def quantize_stage(p) -> None:

@@ -78,10 +78,12 @@ class Pipeline:
             self._distill_stage("distill", self.student, cfg.distill.epochs, cfg.distill.optim)
             self._measure("distill", self.student)
         if cfg.prune is not None:
-            from fastdistill.pipeline.compress import prune_stage
+            from fastdistill.pipeline.compress import deployable, prune_stage
 
             prune_stage(self)
-            self._measure("prune", self.student)
+            if cfg.quantize is None:  # the pruned student is the result: ship it in sparse storage
+                self.student = deployable(self.student)
+            self._measure("prune", self.student if cfg.quantize is None else deployable(self.student))
         if cfg.quantize is not None:
             from fastdistill.pipeline.compress import quantize_stage
 

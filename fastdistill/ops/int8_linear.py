@@ -1,0 +1,136 @@
+"""fastdistill.int8_linear: W8A8 matmul, exact int32 accumulation, fused dequantization epilogue.
+
+out = ((float(x_int8 @ w_int8^T) * x_scale[m]) * w_scale[n]) + bias[n], cast to out_dtype; every backend
+gives the same bits (formula in csrc/ops.cpp). Custom ops (same schema):
+    fastdistill::int8_linear_cpu      C++: torch._int_mm + epilogue where oneDNN has VNNI/AMX, else its own GEMM
+    fastdistill::int8_linear_cuda     torch._int_mm (cuBLASLt, padded to its shape rules) + the CUDA epilogue
+    fastdistill::int8_linear_triton   one triton kernel: int8 tl.dot + epilogue
+Not differentiable (int8 inputs); Int8Linear's straight-through estimator handles training.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastdistill import dispatch
+from fastdistill.ops.quantize_per_token import as_rows, check_float, interpreting, native_op
+from fastdistill.reference.int8_linear import int8_linear_ref
+from fastdistill.testing import new_output
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_K = (2**31 - 1) // (128 * 128)  # any int8 dot product of this length fits int32
+
+
+def _out(x_int8, w_int8, out_dtype):
+    return new_output((x_int8.shape[0], w_int8.shape[0]), like=x_int8, dtype=out_dtype)
+
+
+@torch.library.custom_op("fastdistill::int8_linear_triton", mutates_args=())
+def int8_linear_triton(x_int8: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                       bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    from fastdistill.kernels.int8_linear import int8_linear_launch
+
+    out = _out(x_int8, w_int8, out_dtype)
+    int8_linear_launch(x_int8, w_int8, x_scale, w_scale, bias, out, interpret=interpreting())
+    return out
+
+
+def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return t if t.shape == (rows, cols) else F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
+
+
+@torch.library.custom_op("fastdistill::int8_linear_cuda", mutates_args=())
+def int8_linear_cuda(x_int8: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                     bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+    """cuBLASLt's int8 GEMM needs M > 16 and K, N multiples of 8: zero rows/columns are added where
+    needed (zeros change no sum) and the [M, N] corner of the accumulator goes to the epilogue."""
+    M, K = x_int8.shape
+    N = w_int8.shape[0]
+    Mp, Kp, Np = max(M, 17), max(-(-K // 8) * 8, 8), max(-(-N // 8) * 8, 8)  # K = 0 or N = 0: zero padding
+    acc = torch._int_mm(_pad_to(x_int8, Mp, Kp), _pad_to(w_int8, Np, Kp).t())
+    if (Mp, Np) != (M, N):
+        acc = acc[:M, :N].contiguous()
+    epilogue = native_op("int8_linear_epilogue", "cuda", _fake_epilogue)
+    return epilogue(acc, x_scale, w_scale, bias, out_dtype)
+
+
+def _fake(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
+    return x_int8.new_empty((x_int8.shape[0], w_int8.shape[0]), dtype=out_dtype)
+
+
+def _fake_epilogue(acc, x_scale, w_scale, bias, out_dtype):
+    return acc.new_empty(acc.shape, dtype=out_dtype)
+
+
+for _name in ("fastdistill::int8_linear_triton", "fastdistill::int8_linear_cuda"):
+    torch.library.register_fake(_name)(_fake)
+
+
+def _check_scale(name: str, t, shape: tuple) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name}: expected float32, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_int8(name: str, t, dim: Optional[int] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.int8:
+        raise TypeError(f"{name}: expected int8, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name}: expected a {dim}-D tensor, got shape {tuple(t.shape)}")
+    if dim is None and t.dim() < 1:
+        raise ValueError(f"{name}: expected shape (..., K), got a 0-D tensor")
+
+
+def check_bias(bias, N: int, device: torch.device) -> None:
+    if bias is None:
+        return
+    check_float("bias", bias)
+    if tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: expected shape ({N},), got {tuple(bias.shape)}")
+    if bias.device != device:
+        raise ValueError(f"bias: on {bias.device}, the weight on {device}")
+
+
+def int8_linear(x_int8: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None, *,
+                backend: str = "auto") -> torch.Tensor:
+    """W8A8 linear: x_int8 [..., K] with per-row x_scale [...] (from quantize_per_token), w_int8 [N, K] with
+    per-output-channel w_scale [N] (float32), optional bias [N] -> [..., N] in out_dtype (default float32).
+    Accumulation is exact int32 (K <= MAX_K = 131071 keeps any int8 sum in range)."""
+    check_int8("x_int8", x_int8)
+    check_int8("w_int8", w_int8, dim=2)
+    K = x_int8.shape[-1]
+    N = w_int8.shape[0]
+    if w_int8.shape[1] != K:
+        raise ValueError(f"w_int8: expected shape (N, {K}) to match x_int8 (..., {K}), got {tuple(w_int8.shape)}")
+    if K > MAX_K:
+        raise ValueError(f"x_int8: K = {K} > {MAX_K}: int32 accumulators could overflow (split K)")
+    _check_scale("x_scale", x_scale, x_int8.shape[:-1])
+    _check_scale("w_scale", w_scale, (N,))
+    check_bias(bias, N, w_int8.device)
+    for name, t in (("x_scale", x_scale), ("w_int8", w_int8), ("w_scale", w_scale)):
+        if t.device != x_int8.device:
+            raise ValueError(f"{name}: on {t.device}, x_int8 on {x_int8.device}")
+    out_dtype = torch.float32 if out_dtype is None else out_dtype
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of {OUT_DTYPES}, got {out_dtype}")
+    name = dispatch.select("int8_linear", backend, x_int8.device, (out_dtype,))
+    if name == "reference":
+        return int8_linear_ref(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
+    lead = x_int8.shape[:-1]
+    args = (as_rows(x_int8), x_scale.reshape(-1).contiguous(), w_int8.contiguous(),
+            w_scale.contiguous(), None if bias is None else bias.detach().contiguous(), out_dtype)
+    if name == "triton":
+        out = int8_linear_triton(*args)
+    elif name == "cuda":
+        out = int8_linear_cuda(*args)
+    else:
+        out = native_op("int8_linear", "cpu", _fake, backends=("cpu",))(*args)
+    return out.view(*lead, N)
