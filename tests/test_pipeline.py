@@ -135,3 +135,19 @@ def test_verify_repro_passes_and_catches_nondeterminism(tmp_path, monkeypatch, c
     monkeypatch.setattr(train, "global_batches", unseeded)
     assert main(["run", cfg, "--verify-repro", "--no-progress"]) == 1
     assert "verify-repro: FAILED" in capsys.readouterr().out
+
+
+def test_module_groups_prune_each_layer_their_way_and_ship_sparse_storage(tmp_path):
+    groups = [{"match": "^head$", "skip": True}, {"match": r"^body\.0$", "pattern": "2:4"},
+              {"match": r"^body\.2$", "pattern": "block", "sparsity": 0.5}]
+    prune = {"epochs": 2, "sparsity": 0.75, "every": 2, "block_size": [16, 16], "optim": {"batch_size": 128},
+             "groups": groups}
+    models = {"teacher_hidden": [32], "student_hidden": [32, 32]}  # body.2: 2 x 2 blocks of 16 x 16
+    summary = run_builtin(tiny_config(tmp_path, prune=prune, quantize=None, models=models), progress=False)
+    sparsity = {w["layer"]: w["sparsity"] for w in summary["weight_stats"]["prune"]}
+    assert sparsity["body.0"] == pytest.approx(0.5, abs=1e-6)  # 2:4: exactly half of every group of 4
+    assert sparsity["body.2"] == pytest.approx(0.5, abs=1e-6) and sparsity["head"] < 0.1
+    modules = json.loads((tmp_path / "export" / "manifest.json").read_text())["modules"]
+    assert modules["body.0"] == modules["body.2"] == "SparseLinear" and modules["head"] == "Linear"
+    by_stage = {r["stage"]: r for r in summary["stages"]}
+    assert by_stage["prune"]["size_bytes"] < by_stage["distill"]["size_bytes"]

@@ -108,7 +108,7 @@ class Pipeline:
 
             try:
                 state = load_file(tc.checkpoint)
-            except (OSError, Exception) as e:  # safetensors raises its own error types
+            except Exception as e:  # OSError, or safetensors' own error types for a corrupt file
                 raise checkpoint.CheckpointError(f"teacher.checkpoint: cannot load {tc.checkpoint}: {e}") from None
             self.teacher.load_state_dict(state)
         elif tc.epochs > 0:
