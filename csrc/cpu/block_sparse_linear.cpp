@@ -211,6 +211,10 @@ void bsr_product(const float* apack, int64_t M, int64_t R, const Weight& w, int6
 at::Tensor packed(const at::Tensor& a) {
   const int64_t M = a.size(0), R = a.size(1);
   at::Tensor out = at::empty({(M + MR - 1) / MR * R * MR}, a.options().dtype(at::kFloat));
+  // A buffer as large as x, every call: where malloc hands back fresh pages (benchmarks/harness.py sets a
+  // 64 KiB mmap threshold) huge-page advice turns thousands of first-touch faults into a few. Measured on
+  // the dev CPU with that threshold: BSR 90% forward 33.6 -> 27.5 ms (512 x 4096 x 4096 fp32).
+  if (out.nbytes() >= (size_t(8) << 20)) advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.scalar_type(), "bsr_pack", [&] {
     pack_transposed<scalar_t>(a.data_ptr<scalar_t>(), M, R, out.data_ptr<float>());
   });
