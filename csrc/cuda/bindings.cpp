@@ -6,15 +6,10 @@
 
 #include "fd_checks.h"
 #include "fd_cuda_launch.h"
+#include "fd_cuda_bindings.h"
 
 namespace fastdistill {
 namespace {
-
-cuda_launch::DType launch_dtype(at::ScalarType t) {
-  if (t == at::kBFloat16) return cuda_launch::BF16;
-  if (t == at::kHalf) return cuda_launch::F16;
-  return cuda_launch::F32;
-}
 
 std::tuple<at::Tensor, at::Tensor> distill_loss_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                      const std::optional<at::Tensor>& labels,

@@ -7,17 +7,11 @@
 #include <torch/library.h>
 
 #include "fd_checks.h"
+#include "fd_cuda_bindings.h"
 #include "fd_cuda_int8.h"
 
 namespace fastdistill {
 namespace {
-
-cuda_launch::DType int8_launch_dtype(at::ScalarType t) {
-  if (t == at::kBFloat16) return cuda_launch::BF16;
-  if (t == at::kHalf) return cuda_launch::F16;
-  return cuda_launch::F32;
-}
-
 
 void check_on(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK_VALUE(t.is_cuda() && t.device() == like.device(), name, ": expected a tensor on ", like.device(),
@@ -52,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cuda(const at::Tensor& x) 
   const int64_t M = xc.size(0), K = xc.size(1);
   at::Tensor q = new_output({M, K}, xc.options().dtype(at::kChar));
   at::Tensor scale = new_output({M}, xc.options().dtype(at::kFloat));
-  const int err = cuda_launch::quantize_per_token(xc.data_ptr(), int8_launch_dtype(xc.scalar_type()),
+  const int err = cuda_launch::quantize_per_token(xc.data_ptr(), launch_dtype(xc.scalar_type()),
                                                   q.data_ptr<int8_t>(), scale.data_ptr<float>(), M, K,
                                                   c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "quantize_per_token_cuda: kernel launch failed with CUDA error ", err);
@@ -74,7 +68,7 @@ at::Tensor int8_linear_epilogue_cuda(const at::Tensor& acc, const at::Tensor& x_
   at::Tensor out = new_output({M, N}, acc.options().dtype(out_dtype));
   const int err = cuda_launch::int8_linear_epilogue(
       a.data_ptr<int32_t>(), xs.data_ptr<float>(), ws.data_ptr<float>(), b.defined() ? b.data_ptr() : nullptr,
-      b.defined() ? int8_launch_dtype(b.scalar_type()) : cuda_launch::F32, out.data_ptr(), int8_launch_dtype(out_dtype),
+      b.defined() ? launch_dtype(b.scalar_type()) : cuda_launch::F32, out.data_ptr(), launch_dtype(out_dtype),
       M, N, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "int8_linear_epilogue_cuda: kernel launch failed with CUDA error ", err);
   return out;
@@ -108,8 +102,8 @@ at::Tensor int8_weight_only_linear_cuda(const at::Tensor& x, const at::Tensor& w
   const at::Tensor b = bias_operand(bias, N, x);
   at::Tensor out = new_output({M, N}, xc.options());
   const int err = cuda_launch::int8_weight_only_linear(
-      xc.data_ptr(), int8_launch_dtype(xc.scalar_type()), wc.data_ptr<int8_t>(), sc.data_ptr<float>(), group_size,
-      b.defined() ? b.data_ptr() : nullptr, b.defined() ? int8_launch_dtype(b.scalar_type()) : cuda_launch::F32,
+      xc.data_ptr(), launch_dtype(xc.scalar_type()), wc.data_ptr<int8_t>(), sc.data_ptr<float>(), group_size,
+      b.defined() ? b.data_ptr() : nullptr, b.defined() ? launch_dtype(b.scalar_type()) : cuda_launch::F32,
       out.data_ptr(), M, N, K, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "int8_weight_only_linear_cuda: kernel launch failed with CUDA error ", err);
   return out;

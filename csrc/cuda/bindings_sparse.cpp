@@ -12,17 +12,12 @@
 #include <cstring>
 
 #include "fd_checks.h"
+#include "fd_cuda_bindings.h"
 #include "fd_sparse_checks.h"
 #include "fd_cuda_sparse.h"
 
 namespace fastdistill {
 namespace {
-
-cuda_launch::DType sparse_dtype(at::ScalarType t) {
-  if (t == at::kBFloat16) return cuda_launch::BF16;
-  if (t == at::kHalf) return cuda_launch::F16;
-  return cuda_launch::F32;
-}
 
 // M tiles go on the grid's y dimension (at most 65535 tiles of 64 rows at the smallest).
 constexpr int64_t kMaxRows = int64_t(65535) * 64;
@@ -53,7 +48,7 @@ at::Tensor block_sparse_linear_fwd_cuda(const at::Tensor& x, const at::Tensor& v
   check_launch(cuda_launch::block_sparse_linear_fwd(
                    xa.data_ptr(), va.data_ptr(), crow.data_ptr<int32_t>(), col.data_ptr<int32_t>(),
                    bias.has_value() ? bias->data_ptr() : nullptr, y.data_ptr(), M, N, K, (int)bn, (int)bk,
-                   bsr_tile_m(), sparse_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()),
+                   bsr_tile_m(), launch_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()),
                op);
   return y;
 }
@@ -70,7 +65,7 @@ at::Tensor block_sparse_linear_dx_cuda(const at::Tensor& dy, const at::Tensor& v
   check_launch(cuda_launch::block_sparse_linear_dx(
                    dya.data_ptr(), va.data_ptr(), ccol.data_ptr<int32_t>(), row.data_ptr<int32_t>(),
                    perm.data_ptr<int32_t>(), dx.data_ptr(), M, N, K, (int)bn, (int)bk, bsr_tile_m(),
-                   sparse_dtype(dy.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()),
+                   launch_dtype(dy.scalar_type()), c10::cuda::getCurrentCUDAStream().stream()),
                op);
   return dx;
 }
@@ -85,7 +80,7 @@ at::Tensor block_sparse_linear_dw_cuda(const at::Tensor& dy, const at::Tensor& x
   at::Tensor dvalues = new_output({nnzb, bn, bk}, x.options());
   check_launch(cuda_launch::block_sparse_linear_dw(dya.data_ptr(), xa.data_ptr(), crow.data_ptr<int32_t>(),
                                                    col.data_ptr<int32_t>(), dvalues.data_ptr(), M, N, K, nnzb,
-                                                   (int)bn, (int)bk, sparse_dtype(x.scalar_type()),
+                                                   (int)bn, (int)bk, launch_dtype(x.scalar_type()),
                                                    c10::cuda::getCurrentCUDAStream().stream()),
                op);
   return dvalues;
@@ -98,7 +93,7 @@ at::Tensor semi_structured_linear_cuda(const at::Tensor& x, const at::Tensor& va
   const int64_t M = x.size(0), K = x.size(1), N = values.size(0);
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const cuda_launch::DType dtype = sparse_dtype(x.scalar_type());
+  const cuda_launch::DType dtype = launch_dtype(x.scalar_type());
   if (M > cuda_launch::kSemiStructuredMaxM) {
     // Compute-bound sizes: expand to dense once and use cuBLAS (fp32 accumulation, one rounding).
     at::Tensor w = at::empty({N, K}, x.options());
