@@ -1,11 +1,40 @@
-"""Command line: `fastdistill demo | run CONFIG.yaml | info | bench` (also `python -m fastdistill ...`)."""
+"""Command line: `fastdistill demo | run CONFIG.yaml | info` (also `python -m fastdistill ...`).
+
+Errors a user can fix (a bad config or checkpoint, an unwritable or full output disk, a missing
+`pipeline` extra) print one line, `fastdistill: ...`, on stderr and exit with status 2; a run whose
+training diverged (NonFiniteError) or whose --verify-repro check failed exits with status 1."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
 import sys
+
+# The pipeline's own dependencies: the `pipeline` extra (import name -> distribution name).
+PIPELINE_DEPS = {"yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
+
+
+def _error(message) -> int:
+    """One line on stderr (torch and safetensors messages can span lines), exit status 2."""
+    print("fastdistill: " + " ".join(str(message).split()), file=sys.stderr)
+    return 2
+
+
+def _missing_pipeline_deps() -> list[str]:
+    import importlib
+
+    missing = []
+    for module, dist in PIPELINE_DEPS.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(dist)
+    return missing
+
+
+def _os_error(e: OSError, cfg) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"output_dir {cfg.output_dir}: {where}{e.strerror or e}"
 
 
 def _demo(args) -> int:
@@ -23,8 +52,7 @@ def _run(args) -> int:
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
-        print(f"fastdistill run: config error: {e}", file=sys.stderr)
-        return 2
+        return _error(f"config error: {e}")
     if args.output_dir:
         cfg.output_dir = args.output_dir
     return _run_pipeline(cfg, args)
@@ -32,17 +60,21 @@ def _run(args) -> int:
 
 def _run_pipeline(cfg, args) -> int:
     """Runs the built-in pipeline (under torchrun: one process of a DDP run), prints the table or JSON."""
-    from fastdistill.pipeline import CheckpointError, NonFiniteError, run_builtin
+    from fastdistill.pipeline import CheckpointError, ConfigError, NonFiniteError, run_builtin
     from fastdistill.pipeline.report import table
 
-    rank = _init_distributed(cfg)
     try:
+        rank = _init_distributed(cfg)
         summary = run_builtin(cfg, resume=args.resume, progress=not args.no_progress)
         verify = None
         if args.verify_repro:
             verify = _verify_repro(cfg, summary, progress=not args.no_progress)
-    except (CheckpointError, NonFiniteError) as e:
-        print(f"fastdistill: {e}", file=sys.stderr)
+    except (CheckpointError, ConfigError) as e:
+        return _error(e)
+    except OSError as e:  # read-only, full or missing output disk; an output_dir that is a file
+        return _error(_os_error(e, cfg))
+    except NonFiniteError as e:
+        print("fastdistill: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
     if rank == 0:
         if args.json:
@@ -97,15 +129,6 @@ def _info(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                          "bench_distill_loss.py")
-    if not os.path.exists(script):
-        print(f"fastdistill bench: {script} not found (benchmarks ship with the source tree)", file=sys.stderr)
-        return 2
-    return subprocess.call([sys.executable, script, *args.rest])
-
-
 def _run_options(p):
     p.add_argument("--output-dir", help="override the config's output_dir")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
@@ -128,10 +151,11 @@ def main(argv=None) -> int:
     p.set_defaults(fn=_run)
     p = sub.add_parser("info", help="backends, extension build and versions, as JSON")
     p.set_defaults(fn=_info)
-    p = sub.add_parser("bench", help="run benchmarks/bench_distill_loss.py (arguments are passed through)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=_bench)
     args = parser.parse_args(argv)
+    if args.command in ("demo", "run"):
+        missing = _missing_pipeline_deps()
+        if missing:
+            return _error(f"{args.command} needs {', '.join(missing)}: pip install 'fastdistill[pipeline]'")
     return args.fn(args)
 
 

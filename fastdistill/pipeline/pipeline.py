@@ -110,7 +110,12 @@ class Pipeline:
                 state = load_file(tc.checkpoint)
             except Exception as e:  # OSError, or safetensors' own error types for a corrupt file
                 raise checkpoint.CheckpointError(f"teacher.checkpoint: cannot load {tc.checkpoint}: {e}") from None
-            self.teacher.load_state_dict(state)
+            try:
+                self.teacher.load_state_dict(state)
+            except RuntimeError as e:  # torch's message spans lines: keep the first problem, on one line
+                detail = " ".join(str(e).split())
+                raise checkpoint.CheckpointError(f"teacher.checkpoint: {tc.checkpoint} does not fit the teacher "
+                                                 f"model: {detail[:400]}") from None
         elif tc.epochs > 0:
             self._train("teacher", self.teacher, tc.epochs, tc.optim, len(self.y), losses.cross_entropy(self.x, self.y))
         self.teacher.eval().requires_grad_(False)
@@ -173,36 +178,57 @@ class Pipeline:
                 "final_weights_sha256": rows[-1]["weights_sha256"] if rows else None}
 
     def _export(self):
-        from safetensors.torch import save_file
-
         out = os.path.join(self.cfg.output_dir, "export")
         os.makedirs(out, exist_ok=True)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.student.state_dict().items()
                  if isinstance(v, torch.Tensor)}
-        path = os.path.join(out, "student.safetensors")
-        save_file(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        checkpoint.atomic_save_safetensors(os.path.join(out, "student.safetensors"), state)
         modules = {n: type(m).__name__ for n, m in self.student.named_modules() if n}
         checkpoint.atomic_write_json(os.path.join(out, "manifest.json"), {
             "weights_sha256": repro.hash_state(state), "modules": modules, "config": self.cfg.to_dict(),
             "environment": self.manifest["environment"]})
 
     def _check_resume_matches(self, rt: Runtime):
-        """--resume continues only the same run: same resolved config and the same data."""
+        """--resume continues only the same run: same resolved config, the same data, the same process count.
+        run.json holds that identity; checkpoints carry its hash (rt.run_id) and are refused without it."""
         path = os.path.join(rt.ckpt_dir, "run.json")
-        identity = {"config": self.manifest["config"], "data_sha256": self.manifest["data_sha256"], "world": rt.world}
-        if rt.resume and os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if saved != json.loads(json.dumps(identity)):
+        identity = json.loads(json.dumps({"config": self.manifest["config"], "data_sha256": self.manifest["data_sha256"],
+                                          "world": rt.world}))
+        rt.run_id = checkpoint.json_sha256(identity)
+        if rt.resume:
+            if os.path.exists(path):
+                saved = _read_identity(path)
+                if saved != identity:
+                    raise checkpoint.CheckpointError(
+                        f"--resume: {rt.out_dir} holds a run with another config, data or process count; "
+                        f"use another output_dir or drop --resume")
+            elif _has_checkpoints(rt.ckpt_dir):
                 raise checkpoint.CheckpointError(
-                    f"--resume: {rt.out_dir} holds a run with another config, data or process count; "
-                    f"use another output_dir or drop --resume")
+                    f"--resume: {path} is missing, so the checkpoints in {rt.ckpt_dir} cannot be matched to this "
+                    f"config and data; drop --resume to start over (this deletes them)")
         if rt.main:
-            if not rt.resume and os.path.exists(path):
+            for directory in (rt.out_dir, rt.ckpt_dir, os.path.join(rt.out_dir, "export")):
+                checkpoint.remove_stale_tmp(directory)  # left by a run killed mid-write
+            if not rt.resume and os.path.isdir(rt.ckpt_dir):
                 import shutil
 
                 shutil.rmtree(rt.ckpt_dir)  # a fresh run: stale checkpoints must not be picked up later
-                os.makedirs(rt.ckpt_dir)
+            os.makedirs(rt.ckpt_dir, exist_ok=True)
             checkpoint.atomic_write_json(path, identity)
         rt.barrier()
+
+
+def _read_identity(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise checkpoint.CheckpointError(f"--resume: {path} is unreadable ({e}); drop --resume to start over") from None
+    if not isinstance(saved, dict) or set(saved) != {"config", "data_sha256", "world"}:
+        raise checkpoint.CheckpointError(f"--resume: {path} is not a fastdistill run identity (keys config, "
+                                         f"data_sha256, world); drop --resume to start over")
+    return saved
+
+
+def _has_checkpoints(directory: str) -> bool:
+    return os.path.isdir(directory) and any(n.endswith((".json", ".safetensors")) for n in os.listdir(directory))

@@ -35,6 +35,7 @@ class Runtime:
     world: int = 1
     resume: bool = False
     progress: bool = True
+    run_id: str | None = None  # sha256 of the run identity (config, data, world): checkpoints carry it
     events: list = field(default_factory=list)  # human-readable notes for the report (skipped steps, ...)
 
     @property
@@ -97,7 +98,7 @@ def run_stage(rt: Runtime, stage: Stage, student: nn.Module, extras: nn.ModuleDi
     start = 0
     for name in (final, last):
         if rt.resume and checkpoint.exists(rt.ckpt_dir, name):
-            tensors, meta = checkpoint.load(rt.ckpt_dir, name)
+            tensors, meta = checkpoint.load(rt.ckpt_dir, name, rt.run_id)
             _load_unit(unit, tensors)
             checkpoint.unflatten_optimizer(opt, tensors, meta["optimizer"])
             if stage.load_extra_state is not None:
@@ -112,12 +113,14 @@ def run_stage(rt: Runtime, stage: Stage, student: nn.Module, extras: nn.ModuleDi
         model = nn.parallel.DistributedDataParallel(unit, device_ids=[rt.device.index] if rt.device.type == "cuda"
                                                     else None)
     steps_per_epoch = math.ceil(stage.n_rows / stage.optim.batch_size)
-    from tqdm import tqdm
+    epochs, bar = range(start, stage.epochs), None
+    if rt.progress and rt.main:  # tqdm is a `pipeline` extra: only needed when bars are shown
+        from tqdm import tqdm
 
-    bar = tqdm(range(start, stage.epochs), desc=f"{stage.name:>9s}", disable=not (rt.progress and rt.main),
-               initial=start, total=stage.epochs, leave=True, dynamic_ncols=True)
+        epochs = bar = tqdm(epochs, desc=f"{stage.name:>9s}", initial=start, total=stage.epochs, leave=True,
+                            dynamic_ncols=True)
     streak = 0
-    for epoch in bar:
+    for epoch in epochs:
         torch.manual_seed(derive_seed(rt.seed, stage.name, epoch, "torch"))  # dropout etc.: a pure epoch
         unit.train()
         total, skipped = torch.zeros((), dtype=torch.float64), 0
@@ -146,7 +149,8 @@ def run_stage(rt: Runtime, stage: Stage, student: nn.Module, extras: nn.ModuleDi
         record["history"].append({"epoch": epoch, "train_loss": float(total) / max(steps_per_epoch - skipped, 1),
                                   "skipped": skipped, **metrics})
         record["skipped_steps"] += skipped
-        bar.set_postfix(loss=f"{record['history'][-1]['train_loss']:.4f}", acc=f"{metrics['accuracy']:.4f}")
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['history'][-1]['train_loss']:.4f}", acc=f"{metrics['accuracy']:.4f}")
         _save(rt, stage, unit, opt, record, epoch, final if epoch == stage.epochs - 1 else last)
     if stage.epochs == 0 or start >= stage.epochs:
         _save(rt, stage, unit, opt, record, stage.epochs - 1, final)
@@ -166,7 +170,7 @@ def _save(rt, stage, unit, opt, record, epoch, name):
         opt_tensors, skeleton = checkpoint.flatten_optimizer(opt)
         tensors = {f"unit.{k}": v for k, v in unit.state_dict().items() if isinstance(v, torch.Tensor)}
         tensors.update(opt_tensors)
-        meta = {"stage": stage.name, "epoch": epoch, "record": record, "optimizer": skeleton}
+        meta = {"stage": stage.name, "epoch": epoch, "record": record, "optimizer": skeleton, "run_id": rt.run_id}
         if stage.extra_state is not None:
             extra_tensors, meta["extra"] = stage.extra_state()
             tensors.update(extra_tensors)
