@@ -9,9 +9,10 @@ extreme logits) instead of one fixed atol/rtol.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from fastdistill.ops.common import POISON_ENV, new_output, poison_enabled  # noqa: F401  (re-exported)
 
 # Tolerance table: (factor, relative floor, absolute floor) by result dtype. The relative floor is
 # half an ulp of bf16/fp16 times max|oracle|; the absolute floor covers oracles that are exactly 0.
@@ -24,20 +25,6 @@ TOLERANCES = {
     torch.bfloat16: (2.0, 2.0**-8, 1e-6),
     torch.float16: (2.0, 2.0**-11, 1e-6),
 }
-
-POISON_ENV = "FASTDISTILL_POISON"
-
-
-def poison_enabled() -> bool:
-    """Kernels' outputs start as NaN when FASTDISTILL_POISON=1 (tests set it), so unwritten elements fail."""
-    return os.environ.get(POISON_ENV) == "1"
-
-
-def new_output(shape, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    dtype = dtype or like.dtype
-    if poison_enabled():
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
 def make_logits(shape, *, dtype=torch.float32, device="cpu", seed: int = 0, scale: float = 3.0,

@@ -4,12 +4,13 @@ import torch
 
 import fastdistill
 from conftest import KERNEL_BACKENDS, backend_device
-from fastdistill.ops.distill_loss import DIVERGENCE_CODES, _native_op, distill_loss_triton
+from fastdistill.ops.distill_loss import loss_op
+from fastdistill.ops.loss_common import DIVERGENCE_CODES
 from fastdistill.testing import make_labels, make_logits
 
 
 def _op(backend):
-    return distill_loss_triton if backend == "triton" else _native_op(backend)
+    return loss_op(backend)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

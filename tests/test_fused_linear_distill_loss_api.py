@@ -4,7 +4,7 @@ import torch
 
 import fastdistill
 from conftest import KERNEL_BACKENDS, backend_device
-from fastdistill.ops.distill_loss import DIVERGENCE_CODES
+from fastdistill.ops.loss_common import DIVERGENCE_CODES
 from fastdistill.ops.fused_linear_chunks import CHUNK_BUDGET_BYTES, auto_chunk_size
 from fastdistill.ops.fused_linear_distill_loss import _OPS
 from fastdistill.testing import make_labels

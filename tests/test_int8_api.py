@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_BACKENDS, backend_device
+from fastdistill.ops.common import native
 from fastdistill.quant import int8_linear, int8_weight_only_linear, quantize_per_token
 from fastdistill.reference.int8_linear import quantize_weight_ref
 
@@ -17,10 +18,8 @@ def _ops(backend):
     """(quantize_per_token op, int8_linear op, int8_weight_only_linear op) of a backend."""
     if backend == "triton":
         return qpt.quantize_per_token_triton, l8.int8_linear_triton, wo.int8_weight_only_linear_triton
-    lin = l8.int8_linear_cuda if backend == "cuda" else qpt.native_op("int8_linear", "cpu", l8._fake,
-                                                                      backends=("cpu",))
-    return (qpt.native_op("quantize_per_token", backend, qpt._fake), lin,
-            qpt.native_op("int8_weight_only_linear", backend, wo._fake, wo._AUTOGRAD))
+    lin = l8.int8_linear_cuda if backend == "cuda" else native("int8_linear_cpu")
+    return native(f"quantize_per_token_{backend}"), lin, native(f"int8_weight_only_linear_{backend}")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -7,8 +7,9 @@ import torch
 import fastdistill
 from conftest import KERNEL_BACKENDS, backend_device
 from fastdistill import dispatch
-from fastdistill.ops.distill_loss import DIVERGENCE_CODES
-from fastdistill.ops.topk_distill_loss import TAIL_CODES, _native_op, topk_distill_loss, topk_distill_loss_triton
+from fastdistill.ops.loss_common import DIVERGENCE_CODES
+from fastdistill.ops.common import native
+from fastdistill.ops.topk_distill_loss import TAIL_CODES, topk_distill_loss, topk_distill_loss_triton
 from fastdistill.testing import make_labels, make_logits
 from topk_cases import TAILS, make_topk
 
@@ -204,7 +205,7 @@ def test_auto_uses_cpu_kernel_and_info_reports_it():
 
 
 def _op(backend):
-    return topk_distill_loss_triton if backend == "triton" else _native_op()
+    return topk_distill_loss_triton if backend == "triton" else native(f"topk_distill_loss_{backend}")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

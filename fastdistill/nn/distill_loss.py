@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastdistill.ops.distill_loss import _check_options, distill_loss
+from fastdistill.ops.distill_loss import distill_loss
+from fastdistill.ops.loss_common import check_loss_options
 
 
 class DistillLoss(nn.Module):
@@ -19,7 +20,7 @@ class DistillLoss(nn.Module):
                  ignore_index: int = -100, reduction: str = "batchmean", num_items=None, backend: str = "auto"):
         super().__init__()
         # labels=... stands in for "labels will be given" so that hard_weight is checked without them.
-        _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...)
+        check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...)
         self.options = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                             soft_weight=soft_weight, hard_weight=hard_weight, scale_t2=scale_t2,
                             ignore_index=ignore_index, reduction=reduction, num_items=num_items, backend=backend)

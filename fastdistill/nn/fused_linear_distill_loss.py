@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastdistill.ops.distill_loss import _check_options
-from fastdistill.ops.fused_linear_distill_loss import _check_fused_options, fused_linear_distill_loss
+from fastdistill.ops.loss_common import check_loss_options
+from fastdistill.ops.fused_linear_distill_loss import check_fused_options, fused_linear_distill_loss
 
 
 class FusedLinearDistillLoss(nn.Module):
@@ -24,9 +24,9 @@ class FusedLinearDistillLoss(nn.Module):
                  soft_weight: float = 1.0, hard_weight: float = 0.0, scale_t2: bool = True,
                  ignore_index: int = -100, reduction: str = "batchmean", num_items=None, backend: str = "auto"):
         super().__init__()
-        _check_fused_options(chunk_size, logit_scale, softcap)
+        check_fused_options(chunk_size, logit_scale, softcap)
         # labels=... stands in for "labels will be given" so that hard_weight is checked without them.
-        _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...)
+        check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...)
         self.options = dict(chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap, divergence=divergence,
                             temperature=temperature, beta=beta, skew=skew, soft_weight=soft_weight,
                             hard_weight=hard_weight, scale_t2=scale_t2, ignore_index=ignore_index,

@@ -12,11 +12,11 @@ from typing import Optional
 
 import torch
 
-from fastdistill import _ext, dispatch
+from fastdistill import dispatch
+from fastdistill.ops.common import launch_guard, native, new_output, register_native
 from fastdistill.reference.block_sparse_linear import block_sparse_linear_ref
 from fastdistill.sparse.checks import as_rows, bias_grad, check_activation, check_bias
 from fastdistill.sparse.formats import BlockSparseWeight
-from fastdistill.testing import new_output
 
 KERNEL_BACKENDS = ("cpu", "cuda", "triton")
 
@@ -39,7 +39,8 @@ def _fwd_triton(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: 
     from fastdistill.kernels.block_sparse_linear import bsr_fwd_triton
 
     y = new_output((x.shape[0], N), like=x)
-    bsr_fwd_triton(x, values, crow, col, bias, y)
+    with launch_guard(x):
+        bsr_fwd_triton(x, values, crow, col, bias, y)
     return y
 
 
@@ -49,7 +50,8 @@ def _dx_triton(dy: torch.Tensor, values: torch.Tensor, ccol: torch.Tensor, row: 
     from fastdistill.kernels.block_sparse_linear import bsr_dx_triton
 
     dx = new_output((dy.shape[0], K), like=dy)
-    bsr_dx_triton(dy, values, ccol, row, perm, dx)
+    with launch_guard(dy):
+        bsr_dx_triton(dy, values, ccol, row, perm, dx)
     return dx
 
 
@@ -59,7 +61,8 @@ def _dw_triton(dy: torch.Tensor, x: torch.Tensor, crow: torch.Tensor, col: torch
     from fastdistill.kernels.block_sparse_linear import bsr_dw_triton
 
     dv = new_output((col.shape[0], bn, bk), like=x)
-    bsr_dw_triton(dy, x, crow, col, dv)
+    with launch_guard(x):
+        bsr_dw_triton(dy, x, crow, col, dv)
     return dv
 
 
@@ -67,21 +70,15 @@ torch.library.register_fake("fastdistill::block_sparse_linear_fwd_triton")(_fwd_
 torch.library.register_fake("fastdistill::block_sparse_linear_dx_triton")(_dx_fake)
 torch.library.register_fake("fastdistill::block_sparse_linear_dw_triton")(_dw_fake)
 
-_native_registered = False
+for _b in ("cpu", "cuda"):
+    register_native((f"block_sparse_linear_fwd_{_b}",), _fwd_fake)
+    register_native((f"block_sparse_linear_dx_{_b}",), _dx_fake)
+    register_native((f"block_sparse_linear_dw_{_b}",), _dw_fake)
 
 
 def _kernels(backend: str):
-    """(fwd, dx, dw) ops of a backend; the native ones get their fakes registered once."""
-    global _native_registered
-    if backend != "triton" and not _native_registered:
-        _ext.load_error()  # imports fastdistill._C, which defines the ops
-        for b in ("cpu", "cuda"):
-            torch.library.register_fake(f"fastdistill::block_sparse_linear_fwd_{b}")(_fwd_fake)
-            torch.library.register_fake(f"fastdistill::block_sparse_linear_dx_{b}")(_dx_fake)
-            torch.library.register_fake(f"fastdistill::block_sparse_linear_dw_{b}")(_dw_fake)
-        _native_registered = True
-    ops = torch.ops.fastdistill
-    return tuple(getattr(ops, f"block_sparse_linear_{k}_{backend}") for k in ("fwd", "dx", "dw"))
+    """(fwd, dx, dw) ops of a backend."""
+    return tuple(native(f"block_sparse_linear_{k}_{backend}") for k in ("fwd", "dx", "dw"))
 
 
 def _make_op(backend: str):
@@ -116,12 +113,6 @@ def _make_op(backend: str):
 
 
 _OPS = {b: _make_op(b) for b in KERNEL_BACKENDS}
-# Register the native ops' fakes now when the extension loads: registration cannot run inside a
-# torch.compile trace, and the first call of the op may be traced (its backward calls dx/dw).
-if _ext.is_available():
-    _kernels("cpu")
-
-
 def check_block_sparse(x, weight, bias) -> None:
     if not isinstance(weight, BlockSparseWeight):
         raise TypeError(f"weight: expected a fastdistill.sparse.BlockSparseWeight, got {type(weight).__name__}")

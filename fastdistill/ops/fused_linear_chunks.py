@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from fastdistill.reference.fused_linear_distill_loss import pad_vocab
-from fastdistill.testing import new_output
+from fastdistill.ops.common import new_output
 
 # chunk_size=None: rows per chunk such that the float32 [chunk, V] buffers alive at once (student and
 # teacher logits, the logits' gradient, one temporary) fit this budget. GPU: 512 MiB keeps the extra

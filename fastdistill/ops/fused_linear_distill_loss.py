@@ -21,8 +21,9 @@ from typing import Optional
 import torch
 
 from fastdistill import dispatch
-from fastdistill.ops.distill_loss import (_as_rows, _check_labels, _check_number, _check_options, _native_op,
-                                          _resolve, _row_scale, distill_loss_triton)
+from fastdistill.ops.common import check_labels, check_number, row_labels, row_view
+from fastdistill.ops.distill_loss import loss_op
+from fastdistill.ops.loss_common import check_loss_options, resolve, row_scale
 from fastdistill.ops.fused_linear_chunks import auto_chunk_size, run_chunks
 from fastdistill.reference.distill_loss import DIVERGENCES
 from fastdistill.reference.fused_linear_distill_loss import fused_linear_distill_loss_chunked_ref
@@ -53,7 +54,7 @@ class _Config:
 
 
 def _kernel_loss_fn(backend: str, scale: torch.Tensor, cfg: _Config):
-    op = distill_loss_triton if backend == "triton" else _native_op(backend)
+    op = loss_op(backend)
 
     def loss_fn(student, teacher, labels, want_grad):
         rows, grad = op(student, teacher, labels, scale, *cfg.loss_args(), want_grad)
@@ -179,13 +180,13 @@ def _check_head(prefix: str, hidden, weight, bias):
                         f"got {bias.dtype} on {bias.device}")
 
 
-def _check_fused_options(chunk_size, logit_scale, softcap):
+def check_fused_options(chunk_size, logit_scale, softcap):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: expected None or an integer >= 1, got {chunk_size!r}")
-    _check_number("logit_scale", logit_scale, low=0.0, low_open=True)
+    check_number("logit_scale", logit_scale, low=0.0, low_open=True)
     if softcap is not None:
-        _check_number("softcap", softcap, low=0.0, low_open=True)
+        check_number("softcap", softcap, low=0.0, low_open=True)
 
 
 def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -197,7 +198,7 @@ def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, 
                          f"student_hidden's {tuple(student_hidden.shape[:-1])} (one row per token in both)")
     if teacher_hidden.device != student_hidden.device:
         raise ValueError(f"teacher_hidden: on {teacher_hidden.device}, student_hidden on {student_hidden.device}")
-    _check_labels(labels, student_hidden, "student_hidden", "the hidden states without H")
+    check_labels(labels, student_hidden, "student_hidden", "the hidden states without H")
 
 
 def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -221,8 +222,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     and returned in their dtype); the teacher's tensors never receive gradients.
     """
     _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
-    _check_fused_options(chunk_size, logit_scale, softcap)
-    _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels)
+    check_fused_options(chunk_size, logit_scale, softcap)
+    check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels)
     if divergence == "mse" and student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(f"divergence: 'mse' compares logits elementwise and needs equal vocabularies, got "
                          f"V_s = {student_weight.shape[0]} (student_weight) and V_t = {teacher_weight.shape[0]} "
@@ -230,12 +231,12 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     name = dispatch.select("fused_linear_distill_loss", backend, student_hidden.device,
                            (student_hidden.dtype, teacher_hidden.dtype))
     lead = student_hidden.shape[:-1]
-    sh, th = _as_rows(student_hidden), _as_rows(teacher_hidden.detach())
+    sh, th = row_view(student_hidden), row_view(teacher_hidden.detach())
     tw = teacher_weight.detach()
     tb = None if teacher_bias is None else teacher_bias.detach()
-    rows_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
-    code, weight, soft_weight = _resolve(divergence, float(beta), float(skew), float(soft_weight))
-    scale = _row_scale(reduction, num_items, rows_labels, sh.shape[0], ignore_index, sh.device)
+    rows_labels = row_labels(labels)
+    code, weight, soft_weight = resolve(divergence, float(beta), float(skew), float(soft_weight))
+    scale = row_scale(reduction, num_items, rows_labels, sh.shape[0], ignore_index, sh.device)
     grad_on = torch.is_grad_enabled()
     vocab = max(student_weight.shape[0], teacher_weight.shape[0])
     cfg = _Config(code, float(temperature), weight, float(soft_weight), float(hard_weight), bool(scale_t2),

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from fastdistill import dispatch
-from fastdistill.ops.quantize_per_token import as_rows, check_float, interpreting, native_op
+from fastdistill.ops.common import (check_float, contiguous_rows, interpreting, launch_guard, native, new_output,
+                                    register_native)
 from fastdistill.reference.int8_linear import int8_linear_ref
-from fastdistill.testing import new_output
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_K = (2**31 - 1) // (128 * 128)  # any int8 dot product of this length fits int32
@@ -33,7 +33,8 @@ def int8_linear_triton(x_int8: torch.Tensor, x_scale: torch.Tensor, w_int8: torc
     from fastdistill.kernels.int8_linear import int8_linear_launch
 
     out = _out(x_int8, w_int8, out_dtype)
-    int8_linear_launch(x_int8, w_int8, x_scale, w_scale, bias, out, interpret=interpreting())
+    with launch_guard(x_int8):
+        int8_linear_launch(x_int8, w_int8, x_scale, w_scale, bias, out, interpret=interpreting())
     return out
 
 
@@ -52,8 +53,7 @@ def int8_linear_cuda(x_int8: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.
     acc = torch._int_mm(_pad_to(x_int8, Mp, Kp), _pad_to(w_int8, Np, Kp).t())
     if (Mp, Np) != (M, N):
         acc = acc[:M, :N].contiguous()
-    epilogue = native_op("int8_linear_epilogue", "cuda", _fake_epilogue)
-    return epilogue(acc, x_scale, w_scale, bias, out_dtype)
+    return native("int8_linear_epilogue_cuda")(acc, x_scale, w_scale, bias, out_dtype)
 
 
 def _fake(x_int8, x_scale, w_int8, w_scale, bias, out_dtype):
@@ -66,6 +66,8 @@ def _fake_epilogue(acc, x_scale, w_scale, bias, out_dtype):
 
 for _name in ("fastdistill::int8_linear_triton", "fastdistill::int8_linear_cuda"):
     torch.library.register_fake(_name)(_fake)
+register_native(("int8_linear_cpu",), _fake)
+register_native(("int8_linear_epilogue_cpu", "int8_linear_epilogue_cuda"), _fake_epilogue)
 
 
 def _check_scale(name: str, t, shape: tuple) -> None:
@@ -125,12 +127,12 @@ def int8_linear(x_int8: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tenso
     if name == "reference":
         return int8_linear_ref(x_int8, x_scale, w_int8, w_scale, bias, out_dtype)
     lead = x_int8.shape[:-1]
-    args = (as_rows(x_int8), x_scale.reshape(-1).contiguous(), w_int8.contiguous(),
+    args = (contiguous_rows(x_int8), x_scale.reshape(-1).contiguous(), w_int8.contiguous(),
             w_scale.contiguous(), None if bias is None else bias.detach().contiguous(), out_dtype)
     if name == "triton":
         out = int8_linear_triton(*args)
     elif name == "cuda":
         out = int8_linear_cuda(*args)
     else:
-        out = native_op("int8_linear", "cpu", _fake, backends=("cpu",))(*args)
+        out = native("int8_linear_cpu")(*args)
     return out.view(*lead, N)

@@ -14,9 +14,9 @@ import torch
 
 from fastdistill import dispatch
 from fastdistill.ops.int8_linear import check_bias, check_int8
-from fastdistill.ops.quantize_per_token import as_rows, check_finite, check_float, interpreting, native_op
+from fastdistill.ops.common import (check_finite, check_float, contiguous_rows, interpreting, launch_guard, native,
+                                    new_output, register_native)
 from fastdistill.reference.int8_linear import dequantize_weight_ref, int8_weight_only_linear_ref
-from fastdistill.testing import new_output
 
 
 @torch.library.custom_op("fastdistill::int8_weight_only_linear_triton", mutates_args=())
@@ -25,7 +25,8 @@ def int8_weight_only_linear_triton(x: torch.Tensor, w_int8: torch.Tensor, w_scal
     from fastdistill.kernels.int8_linear import int8_weight_only_linear_launch
 
     out = new_output((x.shape[0], w_int8.shape[0]), like=x)
-    int8_weight_only_linear_launch(x, w_int8, w_scale, bias, out, group_size, interpret=interpreting())
+    with launch_guard(x):
+        int8_weight_only_linear_launch(x, w_int8, w_scale, bias, out, group_size, interpret=interpreting())
     return out
 
 
@@ -50,10 +51,10 @@ def _backward(ctx, grad):
     return dx, None, None, db, None
 
 
-_AUTOGRAD = (_backward, _setup_context)
 torch.library.register_fake("fastdistill::int8_weight_only_linear_triton")(_fake)
 torch.library.register_autograd("fastdistill::int8_weight_only_linear_triton", _backward,
                                 setup_context=_setup_context)
+register_native(("int8_weight_only_linear_cpu", "int8_weight_only_linear_cuda"), _fake, (_backward, _setup_context))
 
 
 def group_size_of(w_int8: torch.Tensor, w_scale) -> int:
@@ -96,10 +97,10 @@ def int8_weight_only_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torc
     name = dispatch.select("int8_weight_only_linear", backend, x.device, (x.dtype,))
     if name == "reference":
         return int8_weight_only_linear_ref(x, w_int8, w_scale, bias, group_size)
-    args = (as_rows(x), w_int8.contiguous(), w_scale.contiguous(), None if bias is None else bias.contiguous(),
+    args = (contiguous_rows(x), w_int8.contiguous(), w_scale.contiguous(), None if bias is None else bias.contiguous(),
             group_size)
     if name == "triton":
         out = int8_weight_only_linear_triton(*args)
     else:
-        out = native_op("int8_weight_only_linear", name, _fake, _AUTOGRAD)(*args)
+        out = native(f"int8_weight_only_linear_{name}")(*args)
     return out.view(*x.shape[:-1], N)

@@ -7,18 +7,12 @@ Not differentiable (int8 output); Int8Linear's straight-through estimator handle
 """
 from __future__ import annotations
 
-import math
-import os
-
 import torch
 
-from fastdistill import _ext, dispatch
+from fastdistill import dispatch
+from fastdistill.ops.common import (check_finite, check_float, contiguous_rows, interpreting, launch_guard, native,
+                                    new_output, poison_enabled, register_native)
 from fastdistill.reference.int8_linear import quantize_per_token_ref
-from fastdistill.testing import new_output, poison_enabled
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _outputs(x):
@@ -33,7 +27,8 @@ def quantize_per_token_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     from fastdistill.kernels.int8_linear import quantize_per_token_launch
 
     q, scale = _outputs(x)
-    quantize_per_token_launch(x, q, scale, interpret=interpreting())
+    with launch_guard(x):
+        quantize_per_token_launch(x, q, scale, interpret=interpreting())
     return q, scale
 
 
@@ -43,41 +38,7 @@ def _fake(x):
 
 torch.library.register_fake("fastdistill::quantize_per_token_triton")(_fake)
 
-_registered: set[str] = set()
-
-
-def native_op(name: str, backend: str, fake, autograd=None, backends=("cpu", "cuda")) -> object:
-    """torch.ops.fastdistill.<name>_<backend>, with `fake` (and `autograd`: (backward, setup_context))
-    registered once for the extension's ops <name>_<b>, b in `backends`."""
-    if name not in _registered:
-        _ext.load_error()  # imports fastdistill._C, which defines the ops
-        for b in backends:
-            if torch._C._dispatch_has_kernel(f"fastdistill::{name}_{b}"):
-                torch.library.register_fake(f"fastdistill::{name}_{b}")(fake)
-                if autograd is not None:
-                    torch.library.register_autograd(f"fastdistill::{name}_{b}", autograd[0],
-                                                    setup_context=autograd[1])
-        _registered.add(name)
-    return getattr(torch.ops.fastdistill, f"{name}_{backend}")
-
-
-def check_float(name: str, t, *, min_dim: int = 1) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    if t.dim() < min_dim:
-        raise ValueError(f"{name}: expected at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
-
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """validate=True: one host sync to refuse inf/NaN (they would give an inf/NaN scale for the row)."""
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name}: contains inf or NaN (validate=True)")
-
-
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()  # not -1: K may be 0
+register_native(("quantize_per_token_cpu", "quantize_per_token_cuda"), _fake)
 
 
 def quantize_per_token(x: torch.Tensor, *, backend: str = "auto", validate: bool = False):
@@ -91,7 +52,7 @@ def quantize_per_token(x: torch.Tensor, *, backend: str = "auto", validate: bool
     name = dispatch.select("quantize_per_token", backend, x.device, (x.dtype,))
     if name == "reference":
         return quantize_per_token_ref(x)
-    rows = as_rows(x)
-    op = quantize_per_token_triton if name == "triton" else native_op("quantize_per_token", name, _fake)
+    rows = contiguous_rows(x)
+    op = quantize_per_token_triton if name == "triton" else native(f"quantize_per_token_{name}")
     q, scale = op(rows)
     return q.view(x.shape), scale.view(x.shape[:-1])

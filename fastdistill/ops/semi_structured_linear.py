@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 
 from fastdistill import _ext, dispatch
+from fastdistill.ops.common import launch_guard, native, new_output, register_native
 from fastdistill.reference.semi_structured_linear import semi_structured_linear_ref
 from fastdistill.sparse.checks import as_rows, bias_grad, check_activation, check_bias
 from fastdistill.sparse.formats import SemiStructuredWeight, semi_structured_gather, semi_structured_to_dense
-from fastdistill.testing import new_output
 
 
 @torch.library.custom_op("fastdistill::semi_structured_linear_triton", mutates_args=())
@@ -35,7 +35,8 @@ def semi_structured_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: t
     from fastdistill.kernels.semi_structured_linear import semi_structured_linear_triton_launch
 
     y = new_output((x.shape[0], values.shape[0]), like=x)
-    semi_structured_linear_triton_launch(x, values, meta, bias, y)
+    with launch_guard(x):
+        semi_structured_linear_triton_launch(x, values, meta, bias, y)
     return y
 
 
@@ -98,34 +99,16 @@ for _name in ("triton", "cusparselt", "dense"):
     torch.library.register_autograd(f"fastdistill::semi_structured_linear_{_name}", _backward,
                                     setup_context=_setup_context)
 
-_native_registered = False
+register_native(("semi_structured_linear_cpu", "semi_structured_linear_cuda"), _fake, (_backward, _setup_context))
+register_native(("semi_structured_to_dense_cpu",), lambda values, meta, K: values.new_empty((values.shape[0], K)))
+register_native(("semi_structured_gather_cpu",),
+                lambda dense, meta: dense.new_empty((dense.shape[0], dense.shape[1] // 2)))
+_PYTHON_OPS = {"triton": semi_structured_linear_triton, "cusparselt": semi_structured_linear_cusparselt,
+               "dense": semi_structured_linear_dense}
 
 
 def _op(backend: str):
-    global _native_registered
-    python_ops = {"triton": semi_structured_linear_triton, "cusparselt": semi_structured_linear_cusparselt,
-                  "dense": semi_structured_linear_dense}
-    if backend in python_ops:
-        return python_ops[backend]
-    if not _native_registered:
-        _ext.load_error()  # imports fastdistill._C, which defines the ops
-        if _ext.has_kernel("semi_structured_to_dense_cpu", "CPU"):  # absent from extensions built before them
-            torch.library.register_fake("fastdistill::semi_structured_to_dense_cpu")(
-                lambda values, meta, K: values.new_empty((values.shape[0], K)))
-            torch.library.register_fake("fastdistill::semi_structured_gather_cpu")(
-                lambda dense, meta: dense.new_empty((dense.shape[0], dense.shape[1] // 2)))
-        for b in ("cpu", "cuda"):
-            torch.library.register_fake(f"fastdistill::semi_structured_linear_{b}")(_fake)
-            torch.library.register_autograd(f"fastdistill::semi_structured_linear_{b}", _backward,
-                                            setup_context=_setup_context)
-        _native_registered = True
-    return getattr(torch.ops.fastdistill, f"semi_structured_linear_{backend}")
-
-
-# Register the native ops' fake + autograd now when the extension loads: registration cannot run inside a
-# torch.compile trace, and the first call of the op may be traced.
-if _ext.is_available():
-    _op("cpu")
+    return _PYTHON_OPS[backend] if backend in _PYTHON_OPS else native(f"semi_structured_linear_{backend}")
 
 
 def check_semi_structured(x, weight, bias) -> None:

@@ -9,15 +9,14 @@ logits in their dtype), like the distill_loss ops, whose validation, scaling and
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 
-from fastdistill import _ext, dispatch
-from fastdistill.ops.distill_loss import _backward as _distill_backward
-from fastdistill.ops.distill_loss import (_as_rows, _check_options, _check_tensors, _empty_outputs, _resolve,
-                                          _row_scale, _setup_context)
+from fastdistill import dispatch
+from fastdistill.ops.common import interpreting, launch_guard, native, register_native, row_labels, row_view
+from fastdistill.ops.loss_common import (check_logits, check_loss_options, loss_backward, loss_outputs, resolve,
+                                         row_scale, setup_loss_context)
 from fastdistill.reference.topk_distill_loss import TAILS, topk_distill_loss_ref
 
 # Codes shared with csrc/cpu/topk_distill_loss.cpp and fastdistill/kernels/topk_distill_loss.py.
@@ -32,51 +31,31 @@ def topk_distill_loss_triton(student: torch.Tensor, teacher_logprobs: torch.Tens
                              scale_t2: bool, ignore_index: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     from fastdistill.kernels.topk_distill_loss import topk_distill_loss_triton_launch  # imports triton on first use
 
-    loss, grad = _empty_outputs(student, compute_grad)
+    loss, grad = loss_outputs(student, compute_grad)
     coef = soft_weight * (temperature ** 2 if scale_t2 else 1.0)
-    topk_distill_loss_triton_launch(
-        student, teacher_logprobs, teacher_indices, labels, scale, loss, grad if compute_grad else None,
-        bucket=tail == TAIL_CODES["bucket"], divergence=divergence, inv_t=1.0 / temperature, w=weight,
-        log_w=math.log(weight) if weight > 0 else -math.inf,
-        log_1mw=math.log1p(-weight) if weight < 1 else -math.inf, soft_coef=coef, grad_coef=coef / temperature,
-        hard_weight=hard_weight, ignore_index=ignore_index, interpret=os.environ.get("TRITON_INTERPRET") == "1")
+    with launch_guard(student):
+        topk_distill_loss_triton_launch(
+            student, teacher_logprobs, teacher_indices, labels, scale, loss, grad if compute_grad else None,
+            bucket=tail == TAIL_CODES["bucket"], divergence=divergence, inv_t=1.0 / temperature, w=weight,
+            log_w=math.log(weight) if weight > 0 else -math.inf,
+            log_1mw=math.log1p(-weight) if weight < 1 else -math.inf, soft_coef=coef, grad_coef=coef / temperature,
+            hard_weight=hard_weight, ignore_index=ignore_index, interpret=interpreting())
     return loss, grad
 
 
 def _fake(student, teacher_logprobs, teacher_indices, labels, scale, tail, divergence, temperature, weight,
           soft_weight, hard_weight, scale_t2, ignore_index, compute_grad):
-    return _empty_outputs(student, compute_grad)
+    return loss_outputs(student, compute_grad)
 
 
-_N_INPUTS = 14  # arguments of the topk_distill_loss_<backend> ops
-
-
-def _backward(ctx, grad_rows, grad_of_grad):
-    """distill_loss's backward (scales the saved gradient in place), padded to this op's arity."""
-    grads = _distill_backward(ctx, grad_rows, grad_of_grad)
-    return (grads[0],) + (None,) * (_N_INPUTS - 1)
-
-
+_BACKWARD = loss_backward(14)  # arguments of the topk_distill_loss_<backend> ops
 torch.library.register_fake("fastdistill::topk_distill_loss_triton")(_fake)
-torch.library.register_autograd("fastdistill::topk_distill_loss_triton", _backward, setup_context=_setup_context)
-
-_native_registered = False
-
-
-def _native_op():
-    """torch.ops.fastdistill.topk_distill_loss_cpu, with fake + autograd registered once."""
-    global _native_registered
-    if not _native_registered:
-        _ext.load_error()  # imports fastdistill._C, which defines the op
-        torch.library.register_fake("fastdistill::topk_distill_loss_cpu")(_fake)
-        torch.library.register_autograd("fastdistill::topk_distill_loss_cpu", _backward,
-                                        setup_context=_setup_context)
-        _native_registered = True
-    return torch.ops.fastdistill.topk_distill_loss_cpu
+torch.library.register_autograd("fastdistill::topk_distill_loss_triton", _BACKWARD, setup_context=setup_loss_context)
+register_native(("topk_distill_loss_cpu",), _fake, (_BACKWARD, setup_loss_context))
 
 
 def _check_topk_tensors(student, logprobs, indices, labels):
-    _check_tensors(student, student, labels)  # student + labels, as distill_loss checks them
+    check_logits(student, student, labels)  # student + labels, as distill_loss checks them
     V = student.shape[-1]
     for name, t in (("teacher_topk_logprobs", logprobs), ("teacher_topk_indices", indices)):
         if not isinstance(t, torch.Tensor):
@@ -141,7 +120,7 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
         raise ValueError("divergence: 'mse' compares raw logits, which top-k log-probabilities do not give; "
                          "use kl, reverse_kl, jsd, tvd, skew_kl or skew_reverse_kl")
     _check_topk_tensors(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels)
-    _check_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels)
+    check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels)
     if tail not in TAIL_CODES:
         raise ValueError(f"tail: unknown {tail!r}; expected one of {TAILS}")
     V = student_logits.shape[-1]
@@ -156,13 +135,13 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
                                      hard_weight=float(hard_weight), scale_t2=scale_t2, ignore_index=ignore_index,
                                      reduction=reduction, num_items=num_items)
     lead = student_logits.shape[:-1]
-    student = _as_rows(student_logits)
-    logprobs, indices = _as_rows(teacher_topk_logprobs.detach()), _as_rows(teacher_topk_indices)
-    rows_labels = None if labels is None else labels.reshape(-1).to(torch.int64)
-    code, weight, soft_weight = _resolve(divergence, float(beta), float(skew), float(soft_weight))
-    scale = _row_scale(reduction, num_items, rows_labels, student.shape[0], ignore_index, student.device)
+    student = row_view(student_logits)
+    logprobs, indices = row_view(teacher_topk_logprobs.detach()), row_view(teacher_topk_indices)
+    rows_labels = row_labels(labels)
+    code, weight, soft_weight = resolve(divergence, float(beta), float(skew), float(soft_weight))
+    scale = row_scale(reduction, num_items, rows_labels, student.shape[0], ignore_index, student.device)
     compute_grad = student.requires_grad and torch.is_grad_enabled()
-    op = topk_distill_loss_triton if name == "triton" else _native_op()
+    op = topk_distill_loss_triton if name == "triton" else native(f"topk_distill_loss_{name}")
     rows, _ = op(student, logprobs, indices, rows_labels, scale, TAIL_CODES[tail], code, float(temperature), weight,
                  float(soft_weight), float(hard_weight), bool(scale_t2), int(ignore_index), compute_grad)
     return rows.view(lead) if reduction == "none" else rows.sum()
