@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 import os
 from collections import OrderedDict
 from typing import Optional, Sequence
@@ -13,8 +14,8 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from fastdistill.cache import manifest as mf
-from fastdistill.cache.build import build_cache
 from fastdistill.cache.manifest import TeacherCacheError
+from fastdistill.cache.writer import write_cache
 
 _OPEN_SHARDS = 4  # safe_open handles kept per process; a shuffled DataLoader hops between shards
 
@@ -29,7 +30,8 @@ class TeacherCache(Dataset):
     aligned with the student's logits at position t. Build one with `TeacherCache.build`.
 
     Opening checks the manifest, that every shard file exists and that its tensor shapes and dtypes
-    agree with the manifest (headers only); `verify=True` also compares each file's sha256.
+    agree with the manifest (headers only); `verify=True` also compares each file's sha256 and the
+    manifest's own sha256 (so an edited vocab_size, count or shard hash is caught).
     Shards are read lazily, by rows, through memory-mapped safetensors files.
     """
 
@@ -50,6 +52,8 @@ class TeacherCache(Dataset):
                                     f"{expected_vocab}")
         if expected_k is not None and m["k"] != expected_k:
             raise TeacherCacheError(f"teacher cache {self.path}: k is {m['k']}, expected {expected_k}")
+        if verify:
+            mf.check_manifest_hash(m, self.path)
         self._manifest = m
         self._value_dtype = mf.VALUE_DTYPES[m["value_dtype"]]
         self._starts = [s["first_sequence"] for s in m["shards"]]
@@ -64,7 +68,17 @@ class TeacherCache(Dataset):
         """Same as TeacherCache(path, ...)."""
         return cls(path, expected_vocab=expected_vocab, expected_k=expected_k, verify=verify)
 
-    build = staticmethod(build_cache)  # TeacherCache.build(path, teacher, dataset, *, k=64, ...)
+    @staticmethod
+    def build(path, teacher, dataset, *, k: int = 64, temperature: float = 1.0, dtype=torch.float16,
+              batch_size: int = 8, shard_size: int = 1024, teacher_name: Optional[str] = None,
+              teacher_hash: Optional[str] = None, device=None, progress: bool = True,
+              overwrite: bool = False) -> "TeacherCache":
+        """Runs `teacher` over `dataset`, writes (or resumes) the cache in `path` and opens it.
+        The arguments are those of fastdistill.cache.writer.write_cache, documented there."""
+        write_cache(path, teacher, dataset, k=k, temperature=temperature, dtype=dtype, batch_size=batch_size,
+                    shard_size=shard_size, teacher_name=teacher_name, teacher_hash=teacher_hash, device=device,
+                    progress=progress, overwrite=overwrite)
+        return TeacherCache(path)
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -102,7 +116,9 @@ class TeacherCache(Dataset):
                                         f"{list(shape)}")
 
     def verify(self) -> None:
-        """Re-hashes every shard file and compares with the manifest; raises TeacherCacheError."""
+        """Checks the manifest's sha256, re-hashes every shard file and compares with the manifest;
+        raises TeacherCacheError."""
+        mf.check_manifest_hash(self._manifest, self.path)
         for s in self._manifest["shards"]:
             self._check_shard(s, verify=True)
 
@@ -142,8 +158,7 @@ class TeacherCache(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         n = len(self)
-        if not isinstance(index, int):
-            index = int(index)  # numpy / 0-d tensor indices from samplers
+        index = _as_index(index)
         if index < 0:
             index += n
         if not 0 <= index < n:
@@ -226,6 +241,21 @@ class TeacherCache(Dataset):
         return (f"TeacherCache({self.path!r}, sequences={self.num_sequences}, tokens={self.num_tokens}, k={self.k}, "
                 f"temperature={self.temperature:g}, vocab_size={self.vocab_size}, "
                 f"dtype={self._manifest['value_dtype']})")
+
+
+def _as_index(index) -> int:
+    """An int, a numpy integer or a 0-d integer tensor (what samplers hand out); bools, floats,
+    strings and multi-element tensors are refused rather than truncated or parsed."""
+    ok = not isinstance(index, (bool, str, bytes))
+    if isinstance(index, torch.Tensor):
+        ok = index.dim() == 0 and index.dtype != torch.bool and not (index.is_floating_point() or index.is_complex())
+    if ok:
+        try:
+            return operator.index(index)
+        except TypeError:  # floats, numpy bools, objects without __index__
+            pass
+    raise TypeError(f"index: expected an integer (int, numpy or 0-d torch integer), got {index!r} of type "
+                    f"{type(index).__name__}")
 
 
 def collate_topk(batch: Sequence[dict], *, pad_id: int = 0, pad_logprob: float = -math.inf,

@@ -22,6 +22,7 @@ FORMAT = "fastdistill.teacher_cache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TMP_PREFIX = ".tmp-"
+HASH_KEY = "manifest_sha256"  # sha256 of the manifest's other fields: TeacherCache(verify=True) checks it
 VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_BYTES = 4  # int32 token ids
 
@@ -148,8 +149,30 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     _fsync_dir(directory)
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest without its HASH_KEY, in canonical JSON (sorted keys, no whitespace)."""
+    body = {k: v for k, v in manifest.items() if k != HASH_KEY}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def without_hash(manifest):
+    return None if manifest is None else {k: v for k, v in manifest.items() if k != HASH_KEY}
+
+
+def check_manifest_hash(m: dict, path: str) -> None:
+    """Any edit of the manifest after its build (a vocab_size, a count, a shard's sha256) is refused."""
+    where = f"teacher cache manifest {os.path.join(path, MANIFEST_NAME)}"
+    if HASH_KEY not in m:
+        raise TeacherCacheError(f"{where}: no {HASH_KEY} (written by an older fastdistill), so it cannot be verified; "
+                                f"rebuild with overwrite=True")
+    if manifest_digest(m) != m[HASH_KEY]:
+        raise TeacherCacheError(f"{where}: was edited or is corrupt: its sha256 {manifest_digest(m)} differs from its "
+                                f"{HASH_KEY} {m[HASH_KEY]} (rebuild with overwrite=True)")
+
+
 def write_manifest(directory: str, manifest: dict) -> None:
-    text = json.dumps(manifest, indent=2) + "\n"
+    body = json.loads(json.dumps(without_hash(manifest)))  # hash what a reader will parse
+    text = json.dumps({**body, HASH_KEY: manifest_digest(body)}, indent=2) + "\n"
 
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
@@ -193,6 +216,8 @@ def validate_manifest(m: Any, path: str) -> dict:
         raise TeacherCacheError(f"{where}: temperature must be > 0, got {m['temperature']}")
     if m["vocab_size"] is not None and m["vocab_size"] < m["k"]:
         raise TeacherCacheError(f"{where}: vocab_size {m['vocab_size']} is smaller than k {m['k']}")
+    if HASH_KEY in m and not isinstance(m[HASH_KEY], str):
+        raise TeacherCacheError(f"{where}: key {HASH_KEY!r} should be str, got {m[HASH_KEY]!r}")
     for i, s in enumerate(m["shards"]):
         _check_fields(s, _SHARD_KEYS, f"{where}: shards[{i}]")
         if os.path.basename(s["file"]) != s["file"] or not is_cache_file(s["file"]):
