@@ -141,6 +141,7 @@ def _auto_cuda(M: int, shape: tuple[int, int], dtype: torch.dtype, fallback: str
     """The auto choice on CUDA (see the module docstring); `fallback` is the dispatch table's."""
     N, K = shape
     if M > SMALL_M:
-        fits = dtype in (torch.bfloat16, torch.float16) and N % 64 == 0 and K % 64 == 0 and M % 16 == 0
-        return "cusparselt" if fits and torch.backends.cusparselt.is_available() else fallback
+        fits = N % 64 == 0 and K % 64 == 0 and M % 16 == 0  # cuSPARSELt's shape constraints
+        usable = dispatch.reason("semi_structured_linear", "cusparselt", "cuda", (dtype,)) is None
+        return "cusparselt" if fits and usable else fallback
     return "cuda" if dispatch.reason("semi_structured_linear", "cuda", "cuda", (dtype,)) is None else fallback
