@@ -1,5 +1,5 @@
 // The one schema block of the extension, plus the Python module init.
-// Kernels register their implementations next to their code (csrc/cpu/*.cpp, csrc/cuda/bindings.cpp).
+// Kernels register their implementations next to their code (csrc/cpu/*.cpp, csrc/cuda/bindings_*.cpp).
 #include <Python.h>
 #include <torch/library.h>
 

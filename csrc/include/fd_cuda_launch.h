@@ -1,4 +1,4 @@
-// Launchers of the CUDA kernels: plain pointers and sizes, so that bindings.cpp (ATen side) and the
+// Launchers of the CUDA kernels: plain pointers and sizes, so that bindings_*.cpp (ATen side) and the
 // .cu files (torch-free) share one declaration.
 #pragma once
 
