@@ -127,6 +127,17 @@ def test_resumed_build_keeps_the_manifest_hash(tmp_path):
     TeacherCache(tmp_path, verify=True)
 
 
+def test_rerun_removes_temporary_files_of_a_killed_build(tmp_path):
+    seqs = make_sequences(n=12)
+    build(tmp_path, seqs=seqs)
+    os.remove(tmp_path / "shard-00002.safetensors")
+    for name in (f"{mf.TMP_PREFIX}abc.part", f"{mf.TMP_PREFIX}x1y2.part"):  # what a kill mid-write leaves
+        (tmp_path / name).write_bytes(b"partial")
+    (tmp_path / "notes.tmp").write_text("mine")
+    build(tmp_path, seqs=seqs)
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json", "notes.tmp"] + [mf.shard_name(i) for i in range(3)]
+
+
 def _cache_imports(path: str) -> set[str]:
     """Modules of fastdistill.cache that a file imports, at any level (function-local imports included)."""
     import ast

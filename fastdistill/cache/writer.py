@@ -220,6 +220,9 @@ def _prepare_dir(path: str, overwrite: bool) -> Optional[dict]:
             if mf.is_cache_file(name) and os.path.isfile(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
         return None
+    for name in os.listdir(path):  # temporary files of a build killed mid-write (one build per directory)
+        if name.startswith(mf.TMP_PREFIX) and os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
     if not os.path.exists(os.path.join(path, mf.MANIFEST_NAME)):
         return None
     try:
