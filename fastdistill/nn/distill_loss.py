@@ -20,7 +20,8 @@ class DistillLoss(nn.Module):
                  ignore_index: int = -100, reduction: str = "batchmean", num_items=None, backend: str = "auto"):
         super().__init__()
         # labels=... stands in for "labels will be given" so that hard_weight is checked without them.
-        check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...)
+        check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...,
+                           ignore_index)
         self.options = dict(divergence=divergence, temperature=temperature, beta=beta, skew=skew,
                             soft_weight=soft_weight, hard_weight=hard_weight, scale_t2=scale_t2,
                             ignore_index=ignore_index, reduction=reduction, num_items=num_items, backend=backend)

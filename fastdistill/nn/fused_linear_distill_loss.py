@@ -26,7 +26,8 @@ class FusedLinearDistillLoss(nn.Module):
         super().__init__()
         check_fused_options(chunk_size, logit_scale, softcap)
         # labels=... stands in for "labels will be given" so that hard_weight is checked without them.
-        check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...)
+        check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...,
+                           ignore_index)
         self.options = dict(chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap, divergence=divergence,
                             temperature=temperature, beta=beta, skew=skew, soft_weight=soft_weight,
                             hard_weight=hard_weight, scale_t2=scale_t2, ignore_index=ignore_index,

@@ -15,8 +15,8 @@ import torch
 
 from fastdistill import dispatch
 from fastdistill.ops.common import interpreting, launch_guard, native, register_native, row_labels, row_view
-from fastdistill.ops.loss_common import (DIVERGENCE_CODES, check_logits, check_loss_options, loss_backward,
-                                         loss_outputs, resolve, row_scale, setup_loss_context)
+from fastdistill.ops.loss_common import (DIVERGENCE_CODES, check_label_values, check_logits, check_loss_options,
+                                         loss_backward, loss_outputs, resolve, row_scale, setup_loss_context)
 from fastdistill.reference.distill_loss import distill_loss_ref
 
 
@@ -71,7 +71,9 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     "none". Only the student receives a gradient, in its own dtype.
     """
     check_logits(student_logits, teacher_logits, labels)
-    check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels)
+    check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels,
+                       ignore_index)
+    check_label_values(labels, student_logits.shape[-1], int(ignore_index))
     name = dispatch.select("distill_loss", backend, student_logits.device,
                            (student_logits.dtype, teacher_logits.dtype))
     if name == "reference":

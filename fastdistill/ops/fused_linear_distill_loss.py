@@ -23,7 +23,7 @@ import torch
 from fastdistill import dispatch
 from fastdistill.ops.common import check_labels, check_number, row_labels, row_view
 from fastdistill.ops.distill_loss import loss_op
-from fastdistill.ops.loss_common import check_loss_options, resolve, row_scale
+from fastdistill.ops.loss_common import check_label_values, check_loss_options, resolve, row_scale
 from fastdistill.ops.fused_linear_chunks import auto_chunk_size, run_chunks
 from fastdistill.reference.distill_loss import DIVERGENCES
 from fastdistill.reference.fused_linear_distill_loss import fused_linear_distill_loss_chunked_ref
@@ -223,7 +223,9 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     """
     _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
     check_fused_options(chunk_size, logit_scale, softcap)
-    check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels)
+    check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels,
+                       ignore_index)
+    check_label_values(labels, student_weight.shape[0], int(ignore_index))
     if divergence == "mse" and student_weight.shape[0] != teacher_weight.shape[0]:
         raise ValueError(f"divergence: 'mse' compares logits elementwise and needs equal vocabularies, got "
                          f"V_s = {student_weight.shape[0]} (student_weight) and V_t = {teacher_weight.shape[0]} "

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fastdistill.ops.common import check_number
+
 KINDS = ("mse", "cosine")
 
 
@@ -27,6 +29,7 @@ def hidden_distill_loss(student_h: torch.Tensor, teacher_h: torch.Tensor, *, kin
     """
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    check_number("eps", eps, low=0.0, low_open=True)  # a norm floor: <= 0 divides zero rows by zero
     for name, t in (("student_h", student_h), ("teacher_h", teacher_h)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got "

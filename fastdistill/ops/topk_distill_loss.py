@@ -15,8 +15,8 @@ import torch
 
 from fastdistill import dispatch
 from fastdistill.ops.common import interpreting, launch_guard, native, register_native, row_labels, row_view
-from fastdistill.ops.loss_common import (check_logits, check_loss_options, loss_backward, loss_outputs, resolve,
-                                         row_scale, setup_loss_context)
+from fastdistill.ops.loss_common import (check_label_values, check_logits, check_loss_options, loss_backward,
+                                         loss_outputs, resolve, row_scale, setup_loss_context)
 from fastdistill.reference.topk_distill_loss import TAILS, topk_distill_loss_ref
 
 # Codes shared with csrc/cpu/topk_distill_loss.cpp and fastdistill/kernels/topk_distill_loss.py.
@@ -104,7 +104,7 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
     """Distillation loss against a teacher stored as its top-k log-probabilities (offline KD).
 
     student_logits (..., V); teacher_topk_logprobs (..., k), the teacher's log_softmax(logits / T)
-    at its top k tokens (any float dtype; a cache stores fp16); teacher_topk_indices (..., k) their
+    at its top k tokens (any float dtype; a cache stores fp16; the kernels read float64 as float32); teacher_topk_indices (..., k) their
     token ids (int32/int64, distinct within a row). q = softmax(student / T) over the full vocabulary.
       tail="renormalize": p and q restricted to the k ids and renormalized; D over k categories.
       tail="bucket": the k ids plus one "rest" category: p_rest = max(0, 1 - sum exp(lp)) (clamped:
@@ -120,14 +120,20 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
         raise ValueError("divergence: 'mse' compares raw logits, which top-k log-probabilities do not give; "
                          "use kl, reverse_kl, jsd, tvd, skew_kl or skew_reverse_kl")
     _check_topk_tensors(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels)
-    check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels)
+    check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels,
+                       ignore_index)
+    check_label_values(labels, student_logits.shape[-1], int(ignore_index))
     if tail not in TAIL_CODES:
         raise ValueError(f"tail: unknown {tail!r}; expected one of {TAILS}")
     V = student_logits.shape[-1]
     if validate:
         _validate_indices(teacher_topk_indices, V, labels, ignore_index)
+    if teacher_topk_logprobs.dtype not in dispatch.KERNEL_DTYPES:  # e.g. float64: the kernels read fp32
+        kernel_logprobs = teacher_topk_logprobs.float()
+    else:
+        kernel_logprobs = teacher_topk_logprobs
     name = dispatch.select("topk_distill_loss", backend, student_logits.device,
-                           (student_logits.dtype, teacher_topk_logprobs.dtype))
+                           (student_logits.dtype, kernel_logprobs.dtype))
     if name == "reference":
         return topk_distill_loss_ref(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels, tail=tail,
                                      divergence=divergence, temperature=float(temperature), beta=float(beta),
@@ -136,7 +142,7 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
                                      reduction=reduction, num_items=num_items)
     lead = student_logits.shape[:-1]
     student = row_view(student_logits)
-    logprobs, indices = row_view(teacher_topk_logprobs.detach()), row_view(teacher_topk_indices)
+    logprobs, indices = row_view(kernel_logprobs.detach()), row_view(teacher_topk_indices)
     rows_labels = row_labels(labels)
     code, weight, soft_weight = resolve(divergence, float(beta), float(skew), float(soft_weight))
     scale = row_scale(reduction, num_items, rows_labels, student.shape[0], ignore_index, student.device)

@@ -75,6 +75,6 @@ def fused_linear_distill_loss_chunked_ref(student_hidden, student_weight, studen
     rows = [checkpoint(chunk_rows, student_hidden[i:i + chunk_size], teacher_hidden[i:i + chunk_size],
                        None if labels is None else labels[i:i + chunk_size], use_reentrant=False)
             for i in range(0, student_hidden.shape[0], chunk_size)]
-    if not rows:
-        return student_hidden.new_zeros(0, dtype=dtype)
+    if not rows:  # no tokens: still through the graph, so backward gives zero gradients like the kernels
+        rows = [chunk_rows(student_hidden, teacher_hidden, labels)]
     return torch.cat(rows) * scale.to(dtype)
