@@ -6,6 +6,7 @@ import pytest
 import yaml
 from safetensors import SafetensorError
 
+from fastdistill.cache import manifest
 from fastdistill.cli import main
 from fastdistill.pipeline import checkpoint
 from pipeline_cases import TINY
@@ -74,7 +75,7 @@ def test_full_output_disk(tmp_path, capsys, monkeypatch):
             f.write(b"partial")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(checkpoint, "save_file", full)
+    monkeypatch.setattr(manifest, "save_file", full)
     out = tmp_path / "out"
     assert main(["run", _config(tmp_path, out), "--no-progress"]) == 2
     _one_line_error(capsys, "No space left on device")

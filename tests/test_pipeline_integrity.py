@@ -8,6 +8,7 @@ import shutil
 import pytest
 from safetensors import SafetensorError
 
+from fastdistill.cache import manifest
 from fastdistill.pipeline import CheckpointError, checkpoint, run_builtin
 from pipeline_cases import tiny_config
 
@@ -131,7 +132,7 @@ def test_failed_write_leaves_no_temporary_file_and_raises_oserror(tmp_path, monk
             f.write(b"partial")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    monkeypatch.setattr(manifest, "save_file", full_disk)
     with pytest.raises(OSError) as info:
         checkpoint.save(str(tmp_path), "x", {"w": torch.zeros(3)}, {"epoch": 0})
     assert info.value.errno == errno.ENOSPC

@@ -138,6 +138,27 @@ def test_rerun_removes_temporary_files_of_a_killed_build(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["manifest.json", "notes.tmp"] + [mf.shard_name(i) for i in range(3)]
 
 
+def test_full_disk_is_a_one_line_cli_error(tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as SafetensorError after a partial write: an OSError for the CLI."""
+    from safetensors import SafetensorError
+
+    from fastdistill.cache import __main__ as cli
+
+    def full(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(mf, "save_file", full)
+    out = str(tmp_path / "cache")
+    argv = ["build", "--teacher", "cache_fixtures:tiny_teacher", "--data", "cache_fixtures:tiny_dataset", "--out", out,
+            "--k", "4", "--no-progress"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err, err
+    assert sorted(os.listdir(out)) == ["manifest.json"]  # no torn shard, no temporary file
+
+
 def _cache_imports(path: str) -> set[str]:
     """Modules of fastdistill.cache that a file imports, at any level (function-local imports included)."""
     import ast

@@ -13,10 +13,12 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 
 FORMAT = "fastdistill.teacher_cache"
 FORMAT_VERSION = 1
@@ -147,6 +149,20 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def save_safetensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors' save_file with its I/O failures raised as OSError (errno kept): safetensors reports a
+    full or read-only disk as SafetensorError("... I/O error: No space left on device (os error 28)")."""
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except OSError:
+        raise
+    except Exception as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), path) from None
 
 
 def manifest_digest(manifest: dict) -> str:

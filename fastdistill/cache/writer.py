@@ -12,7 +12,6 @@ import os
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import save_file
 
 from fastdistill.cache import manifest as mf
 from fastdistill.cache.manifest import TeacherCacheError
@@ -188,7 +187,7 @@ class _Run:
                                            "first_sequence": first, "num_sequences": count, "k": self.m["k"],
                                            "temperature": self.m["temperature"]}, sort_keys=True)}
         file = os.path.join(self.path, planned["file"])
-        mf.atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        mf.atomic_write(file, lambda tmp: mf.save_safetensors(tensors, tmp, metadata=meta))
         return {**planned, "sha256": mf.sha256_file(file)}
 
     def run(self) -> None:

@@ -17,7 +17,9 @@ import os
 import re
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from fastdistill.cache.manifest import save_safetensors  # save_file with OSError on I/O failures
 
 INTEGRITY_KEY = "integrity_sha256"
 _TMP_SUFFIX = re.compile(r"\.tmp\.\d+$")  # what tmp_path() appends
@@ -71,22 +73,11 @@ def atomic_write_json(path: str, obj) -> None:
 
 
 def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
-    """save_file through a temporary file; safetensors' I/O failures become OSError (errno kept)."""
+    """save_file through a temporary file; I/O failures (a full disk) raise OSError and leave no file."""
     # safetensors refuses shared or non-contiguous storage: give it private contiguous copies.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
-    def write(tmp):
-        try:
-            save_file(tensors, tmp)
-        except OSError:
-            raise
-        except Exception as e:  # SafetensorError "... I/O error: No space left on device (os error 28)"
-            code = re.search(r"os error (\d+)", str(e))
-            if code is None:
-                raise
-            raise OSError(int(code[1]), os.strerror(int(code[1])), tmp) from None
-
-    _write_then_rename(path, write)
+    _write_then_rename(path, lambda tmp: save_safetensors(tensors, tmp))
 
 
 def sha256_bytes(data: bytes) -> str:
