@@ -2,20 +2,25 @@
 
 Importing fastdistill loads the compiled extension when it is built (the sparse ops register the
 fake implementations of its kernels then) but neither initialises CUDA nor compiles anything;
-triton loads on first use.
+triton loads on first use. An extension that exists but fails to load (built against another torch)
+warns here, at import.
 """
-from fastdistill.cache import TeacherCache
-from fastdistill import quant, sparse  # noqa: F401  (fastdistill.quant.*, fastdistill.sparse.*)
-from fastdistill.nn import DistillLoss, FusedLinearDistillLoss, HiddenDistillLoss, Int8Linear, SparseLinear
-from fastdistill.ops import (block_sparse_linear, distill_loss, fused_linear_distill_loss, hidden_distill_loss,
-                             int8_linear, int8_weight_only_linear, quantize_per_token, semi_structured_linear,
-                             topk_distill_loss)
+from fastdistill import _ext
+from fastdistill._version import __version__
 
-__version__ = "0.1.0"
+_ext.load_error()  # loads fastdistill._C now: registers its ops, or warns when a present build is broken
+
+from fastdistill.cache import TeacherCache  # noqa: E402
+from fastdistill import quant, sparse  # noqa: E402,F401  (fastdistill.quant.*, fastdistill.sparse.*)
+from fastdistill.nn import (DistillLoss, FusedLinearDistillLoss, HiddenDistillLoss, Int8Linear,  # noqa: E402
+                            SparseLinear)
+from fastdistill.ops import (block_sparse_linear, distill_loss, fused_linear_distill_loss,  # noqa: E402
+                             hidden_distill_loss, int8_linear, int8_weight_only_linear, quantize_per_token,
+                             semi_structured_linear, topk_distill_loss)
 
 
 def info() -> dict:
-    """Which backends of which ops can run here, and why not; versions."""
+    """Which backends of which ops can run here, and why not; versions; what setup.py built (and why no CUDA)."""
     import platform
 
     import torch
@@ -25,6 +30,7 @@ def info() -> dict:
     out = dispatch.info()
     out["versions"] = {"fastdistill": __version__, "torch": torch.__version__, "python": platform.python_version(),
                        "cuda": torch.version.cuda}
+    out["build"] = _ext.build_info()
     try:
         from importlib.metadata import version
 
