@@ -5,8 +5,9 @@
     sparsify_(model)                                                    masked Linear → SparseLinear
     block_sparse_linear / semi_structured_linear                       the ops on compressed weights
 
-Names resolve lazily: the ops and layers import fastdistill.sparse.formats, so importing them eagerly
-here would be circular.
+Names resolve lazily. The dependency is one-way, fastdistill.nn -> fastdistill.ops -> fastdistill.sparse:
+no module of this package imports fastdistill.nn or fastdistill.ops at module level (sparsify_ imports
+SparseLinear when it runs), so the formats, checks and pruning load without the ops.
 """
 import importlib
 
@@ -21,6 +22,7 @@ _WHERE = {
     "prune_": "fastdistill.sparse.prune",
     "reapply_masks": "fastdistill.sparse.prune",
     "remove_masks": "fastdistill.sparse.prune",
+    "restore_masks": "fastdistill.sparse.prune",
     "report": "fastdistill.sparse.prune",
     "sparsify_": "fastdistill.sparse.sparsify",
 }

@@ -8,16 +8,18 @@ Layouts are fixed by the schema comments in csrc/ops.cpp (the CUDA kernels work 
 - SemiStructuredWeight of W [N, K], K % 4 == 0: values [N, K/2] (the two kept elements of each group of
   four, in column order) and meta [N, ceil(K/8)] uint8 (per group a nibble i0 | i1 << 2, two groups a byte,
   the even group in the low nibble).
-Conversions run once, on the host side of training (they may sync); the ops never do.
+Conversions and the range checks of fastdistill.sparse.validate run once, when a weight is built (they
+may sync); the ops never do. `trusted=True` skips the checks for tensors that were checked already (a
+SparseLinear's own buffers, rebuilt into a bundle on every forward).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import InitVar, dataclass, fields, replace
 
 import torch
 
-BLOCK_SIZES = (16, 32, 64)
-INDEX_DTYPE = torch.int32
+from fastdistill.sparse.validate import (BLOCK_SIZES, INDEX_DTYPE, csc_view, validate_block_sparse, validate_csr,
+                                         validate_semi_structured)
 
 
 def _tensor_fields(obj):
@@ -30,7 +32,7 @@ class _Bundle:
     def to(self, device=None, dtype=None):
         moved = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else None)
                  for name, t in _tensor_fields(self).items()}
-        return replace(self, **moved)
+        return replace(self, **moved, trusted=True)  # moved copies of checked tensors
 
     @property
     def nbytes(self) -> int:
@@ -56,6 +58,21 @@ class BlockSparseWeight(_Bundle):
     perm: torch.Tensor
     block_rows: torch.Tensor
     shape: tuple[int, int]
+    trusted: InitVar[bool] = False
+
+    def __post_init__(self, trusted: bool) -> None:
+        if not trusted:
+            validate_block_sparse(self.values, self.crow_indices, self.col_indices, self.ccol_indices,
+                                  self.row_indices, self.perm, self.block_rows, self.shape)
+
+    @classmethod
+    def from_csr(cls, values: torch.Tensor, crow_indices: torch.Tensor, col_indices: torch.Tensor,
+                 shape: tuple[int, int]) -> "BlockSparseWeight":
+        """From the forward (CSR) indices alone: after their range checks, the CSC view and block_rows are
+        rebuilt from them, so only crow/col need to come from a file."""
+        R, C = validate_csr(values, crow_indices, col_indices, shape)
+        rows, ccol, row_indices, perm = csc_view(crow_indices, col_indices, R, C)
+        return cls(values, crow_indices, col_indices, ccol, row_indices, perm, rows, tuple(shape), trusted=True)
 
     @property
     def block_size(self) -> tuple[int, int]:
@@ -95,7 +112,7 @@ class BlockSparseWeight(_Bundle):
         ccol = torch.zeros(C + 1, dtype=torch.int64, device=weight.device)
         ccol[1:] = torch.bincount(c, minlength=C).cumsum(0)
         idx = lambda t: t.to(INDEX_DTYPE).contiguous()  # noqa: E731
-        return cls(values, idx(crow), idx(c), idx(ccol), idx(r[perm]), idx(perm), idx(r), (N, K))
+        return cls(values, idx(crow), idx(c), idx(ccol), idx(r[perm]), idx(perm), idx(r), (N, K), trusted=True)
 
     def to_dense(self) -> torch.Tensor:
         """The dense W [N, K] (differentiable w.r.t. values)."""
@@ -116,6 +133,11 @@ class SemiStructuredWeight(_Bundle):
     values: torch.Tensor
     meta: torch.Tensor
     shape: tuple[int, int]
+    trusted: InitVar[bool] = False
+
+    def __post_init__(self, trusted: bool) -> None:
+        if not trusted:
+            validate_semi_structured(self.values, self.meta, self.shape)
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, mask: torch.Tensor | None = None) -> "SemiStructuredWeight":
@@ -139,7 +161,7 @@ class SemiStructuredWeight(_Bundle):
         if nib.shape[1] % 2:
             nib = torch.cat([nib, nib.new_zeros(N, 1)], dim=1)
         meta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
-        return cls(values, meta, (N, K))
+        return cls(values, meta, (N, K), trusted=True)
 
     def to_dense(self) -> torch.Tensor:
         return semi_structured_to_dense(self.values, self.meta, self.shape[1])

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from fastdistill.sparse.prune import PruneReport, prune_
+from fastdistill.sparse.prune import PruneReport, check_model, prune_
 
 
 class GradualPruner:
     def __init__(self, model: nn.Module, final_sparsity: float, *, start_step: int, end_step: int, every: int,
                  initial_sparsity: float = 0.0, pattern: str = "unstructured", **prune_kwargs):
+        check_model(model)
         for name, value in (("final_sparsity", final_sparsity), ("initial_sparsity", initial_sparsity)):
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
                 raise ValueError(f"{name}: expected a number in [0, 1), got {value!r}")
@@ -61,4 +62,17 @@ class GradualPruner:
         return {"step_count": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
+        """Restores the step counter saved by state_dict(); refuses anything else with the key named."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state: expected the dict from GradualPruner.state_dict(), got {type(state).__name__}")
+        if "step_count" not in state:
+            raise ValueError("state: missing key 'step_count'")
+        extra = sorted(map(str, set(state) - {"step_count"}))
+        if extra:
+            raise ValueError(f"state: unexpected key(s) {extra}")
+        count = state["step_count"]
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise TypeError(f"step_count: expected an int, got {type(count).__name__}")
+        if count < 0:
+            raise ValueError(f"step_count: expected an integer >= 0, got {count}")
+        self.step_count = count

@@ -1,32 +1,22 @@
-"""prune_: masks for the Linear layers of a model, kept through training.
+"""prune_: masks for the Linear layers of a model, kept through training (the guards: sparse/masks.py).
 
-A pruned layer holds `weight_mask` (bool buffer, in the state dict) and two guards that keep its masked
-weights exactly zero while training continues:
-  1. a gradient hook multiplies weight.grad by the mask (no gradient flows into pruned weights);
-  2. a global optimizer step post-hook (torch.optim.optimizer.register_optimizer_step_post_hook) re-applies
-     every live mask right after any optimizer step, which undoes what momentum buffers and (decoupled) weight
-     decay would otherwise move back into pruned positions.
 Re-pruning a pruned layer only adds zeros (already-pruned weights score lowest), so masks only grow.
 """
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from fastdistill.sparse.formats import check_block_size
+from fastdistill.sparse.masks import (PATTERNS, check_model, install_mask, re_arm, reapply_masks,  # noqa: F401
+                                      remove_masks, restore_masks)
 
-PATTERNS = ("unstructured", "2:4", "block")
 CRITERIA = ("magnitude", "wanda")
 SCOPES = ("layer", "global")
-
-_PRUNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-_step_hook = None
 
 
 @dataclass
@@ -51,6 +41,7 @@ class PruneReport:
 
 def report(model: nn.Module, filter_fn: Callable | None = None) -> PruneReport:
     """Zeros per target Linear layer (pruned or not) of the model."""
+    check_model(model)
     out = PruneReport()
     for name, mod in _targets(model, filter_fn):
         out.layers[name] = (int((mod.weight == 0).sum()), mod.weight.numel())
@@ -62,44 +53,11 @@ def _targets(model: nn.Module, filter_fn) -> list[tuple[str, nn.Linear]]:
             if isinstance(m, nn.Linear) and (filter_fn is None or filter_fn(m, n))]
 
 
-def reapply_masks(*_args) -> None:
-    """Multiplies every pruned layer's weight by its mask (runs after each torch.optim step)."""
-    with torch.no_grad():
-        for mod in list(_PRUNED):
-            mask = getattr(mod, "weight_mask", None)
-            if mask is not None:
-                mod.weight.mul_(mask)
-
-
-def _install(mod: nn.Linear, mask: torch.Tensor) -> None:
-    global _step_hook
-    if "weight_mask" in mod._buffers:
-        mod.weight_mask.copy_(mask)
-    else:
-        mod.register_buffer("weight_mask", mask)
-        mod._fd_prune_handles = (mod.weight.register_hook(lambda g, m=weakref.ref(mod): g * m().weight_mask),)
-    with torch.no_grad():
-        mod.weight.mul_(mod.weight_mask)
-    _PRUNED.add(mod)
-    if _step_hook is None:
-        _step_hook = register_optimizer_step_post_hook(reapply_masks)
-
-
-def remove_masks(model: nn.Module) -> None:
-    """Drops masks and hooks (the weights keep their zeros)."""
-    for mod in model.modules():
-        if "weight_mask" in getattr(mod, "_buffers", {}):
-            for h in mod._fd_prune_handles:
-                h.remove()
-            del mod._buffers["weight_mask"], mod._fd_prune_handles, mod._fd_prune_pattern
-            _PRUNED.discard(mod)
-
-
 def _input_norms(model: nn.Module, targets, calibration: Iterable) -> dict[str, torch.Tensor]:
     """‖x_j‖ per input feature of every target layer over the calibration batches (Wanda's statistic)."""
     sums = {name: torch.zeros(mod.in_features, dtype=torch.float64, device=mod.weight.device)
             for name, mod in targets}
-    handles = []
+    handles, batches = [], 0
     for name, mod in targets:
         def hook(m, args, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
@@ -109,9 +67,12 @@ def _input_norms(model: nn.Module, targets, calibration: Iterable) -> dict[str, 
         with torch.no_grad():
             for batch in calibration:
                 model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+                batches += 1
     finally:
         for h in handles:
             h.remove()
+    if batches == 0:  # all-zero norms would score every weight 0: pruning by position, not by importance
+        raise ValueError("calibration: empty; criterion='wanda' needs at least one batch of inputs")
     return {name: s.sqrt().float() for name, s in sums.items()}
 
 
@@ -152,6 +113,7 @@ def prune_(model: nn.Module, sparsity: float, *, pattern: str = "unstructured", 
     "magnitude" |W| or "wanda" |W|·‖x‖ with ‖x‖ per input feature from `calibration` (an iterable of model
     inputs). scope: "layer" (each layer hits `sparsity`) or "global" (one ranking over all layers).
     Returns a PruneReport of per-layer and global sparsity."""
+    check_model(model)
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0 \
             or math.isnan(sparsity):
         raise ValueError(f"sparsity: expected a number in [0, 1), got {sparsity!r}")
@@ -179,8 +141,7 @@ def prune_(model: nn.Module, sparsity: float, *, pattern: str = "unstructured", 
                 raise ValueError(f"pattern: 2:4 needs in_features divisible by 4; layer {name!r} has {s.shape[1]}")
             top = s.reshape(s.shape[0], -1, 4).topk(2, dim=-1).indices
             keep = torch.zeros(s.shape[0], s.shape[1] // 4, 4, dtype=torch.bool, device=s.device)
-            _install(mod, keep.scatter_(-1, top, True).reshape(s.shape))
-            mod._fd_prune_pattern = ("2:4", None)
+            install_mask(mod, keep.scatter_(-1, top, True).reshape(s.shape), "2:4", None)
         return report(model, filter_fn)
     if pattern == "block":
         scores = [_block_scores(s, bn, bk, name) for (name, _), s in zip(targets, scores)]
@@ -192,6 +153,5 @@ def prune_(model: nn.Module, sparsity: float, *, pattern: str = "unstructured", 
         keep = keep.reshape(s.shape)
         if pattern == "block":
             keep = keep.repeat_interleave(bn, 0).repeat_interleave(bk, 1)
-        _install(mod, keep)
-        mod._fd_prune_pattern = (pattern, (bn, bk) if pattern == "block" else None)
+        install_mask(mod, keep, pattern, (bn, bk) if pattern == "block" else None)
     return report(model, filter_fn)
