@@ -1,5 +1,7 @@
 """Issue 11 boundaries of the loss ops: strided labels, the temperature bound, label values, ignore_index
 type, empty fused input on the reference, float64 top-k log-probs, hidden_distill_loss eps."""
+import importlib
+
 import pytest
 import torch
 
@@ -124,3 +126,60 @@ def test_topk_accepts_float64_logprobs(backend, seed):
 def test_hidden_distill_loss_eps_must_be_positive(eps):
     with pytest.raises(ValueError, match="eps: must"):
         fastdistill.hidden_distill_loss(torch.randn(2, 4), torch.randn(2, 4), kind="cosine", eps=eps)
+
+
+def _shifted(seed, B=3, S=6, V=41):
+    """Causal-LM shapes: logits[:, :-1] against labels[:, 1:] (two leading strides, not flattenable)."""
+    s_full = make_logits((B, S, V), seed=seed).requires_grad_()
+    t_full = make_logits((B, S, V), seed=seed + 1)
+    labels = make_labels((B, S), V, seed=seed)
+    return s_full, t_full, labels
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_shifted_causal_lm_logits_are_not_copied(backend, seed, monkeypatch):
+    dl = importlib.import_module("fastdistill.ops.distill_loss")  # the package attribute is the function
+
+    s_full, t_full, labels = _shifted(seed)
+    seen = []
+    real = dl.loss_op
+
+    def spy(name):
+        op = real(name)
+
+        def call(student, teacher, *rest):
+            seen.append((student.untyped_storage().data_ptr(), teacher.untyped_storage().data_ptr()))
+            return op(student, teacher, *rest)
+        return call
+
+    monkeypatch.setattr(dl, "loss_op", spy)
+    opts = dict(hard_weight=0.3, divergence="jsd", backend=backend)
+    loss = fastdistill.distill_loss(s_full[:, :-1], t_full[:, :-1], labels=labels[:, 1:], **opts)
+    assert seen and all(p == (s_full.untyped_storage().data_ptr(), t_full.untyped_storage().data_ptr())
+                        for p in seen), "the kernels got copies of the logits"
+    loss.backward()
+    grad = s_full.grad.clone()
+    s_full.grad = None
+    monkeypatch.setattr(dl, "loss_op", real)
+    want = fastdistill.distill_loss(s_full[:, :-1].contiguous(), t_full[:, :-1].contiguous(),
+                                    labels=labels[:, 1:].contiguous(), **opts)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, s_full.grad, rtol=0, atol=0)
+    assert torch.equal(grad[:, -1], torch.zeros_like(grad[:, -1]))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_shifted_causal_lm_topk(backend, reduction, seed):
+    s_full, t_full, labels = _shifted(seed)
+    lp, ids = torch.log_softmax(t_full, -1).topk(5)
+    opts = dict(hard_weight=0.3, reduction=reduction, backend=backend)
+    got = fastdistill.topk_distill_loss(s_full[:, :-1], lp[:, :-1], ids[:, :-1], labels=labels[:, 1:], **opts)
+    got.sum().backward()
+    grad, s_full.grad = s_full.grad.clone(), None
+    want = fastdistill.topk_distill_loss(s_full[:, :-1].contiguous(), lp[:, :-1].contiguous(),
+                                         ids[:, :-1].contiguous(), labels=labels[:, 1:].contiguous(), **opts)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, s_full.grad, rtol=0, atol=0)

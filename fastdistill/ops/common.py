@@ -117,6 +117,30 @@ def row_view(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _flat_view(x: torch.Tensor) -> torch.Tensor | None:
+    """x as [rows, V] without a copy (one row stride, unit stride along V), or None."""
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        return None
+    try:
+        return x.view(-1, x.shape[-1])
+    except RuntimeError:  # the leading dims cannot be merged into one stride
+        return None
+
+
+def row_blocks(*xs: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """Splits tensors that share their leading dims (..., V_i) into blocks of [rows, V_i] views without
+    copying them: one block when every tensor flattens to one row stride; else one block per index of the
+    first dim, recursively. The shifted causal-LM pattern `logits[:, :-1]` (two leading strides) thus costs
+    one kernel call per sequence instead of a copy of the full logits. Tensors of one leading dim that
+    still do not flatten (a stride along V) are made contiguous."""
+    views = [_flat_view(x) for x in xs]
+    if all(v is not None for v in views):
+        return [tuple(views)]
+    if xs[0].dim() <= 2 or xs[0].shape[0] == 0:
+        return [tuple(v if v is not None else row_view(x) for v, x in zip(views, xs))]
+    return [block for parts in zip(*(x.unbind(0) for x in xs)) for block in row_blocks(*parts)]
+
+
 def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
     """(..., K) -> contiguous [M, K] (the GEMM ops' layout); K may be 0."""
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()

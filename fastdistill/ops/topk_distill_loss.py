@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from fastdistill import dispatch
-from fastdistill.ops.common import interpreting, launch_guard, native, register_native, row_labels, row_view
+from fastdistill.ops.common import interpreting, launch_guard, native, register_native, row_blocks, row_labels
 from fastdistill.ops.loss_common import (check_label_values, check_logits, check_loss_options, loss_backward,
                                          loss_outputs, resolve, row_scale, setup_loss_context)
 from fastdistill.reference.topk_distill_loss import TAILS, topk_distill_loss_ref
@@ -141,13 +141,17 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
                                      hard_weight=float(hard_weight), scale_t2=scale_t2, ignore_index=ignore_index,
                                      reduction=reduction, num_items=num_items)
     lead = student_logits.shape[:-1]
-    student = row_view(student_logits)
-    logprobs, indices = row_view(kernel_logprobs.detach()), row_view(teacher_topk_indices)
     rows_labels = row_labels(labels)
     code, weight, soft_weight = resolve(divergence, float(beta), float(skew), float(soft_weight))
-    scale = row_scale(reduction, num_items, rows_labels, student.shape[0], ignore_index, student.device)
-    compute_grad = student.requires_grad and torch.is_grad_enabled()
+    scale = row_scale(reduction, num_items, rows_labels, math.prod(lead), ignore_index, student_logits.device)
+    compute_grad = student_logits.requires_grad and torch.is_grad_enabled()
     op = topk_distill_loss_triton if name == "triton" else native(f"topk_distill_loss_{name}")
-    rows, _ = op(student, logprobs, indices, rows_labels, scale, TAIL_CODES[tail], code, float(temperature), weight,
-                 float(soft_weight), float(hard_weight), bool(scale_t2), int(ignore_index), compute_grad)
+    options = (TAIL_CODES[tail], code, float(temperature), weight, float(soft_weight), float(hard_weight),
+               bool(scale_t2), int(ignore_index), compute_grad)
+    parts, start = [], 0
+    for student, logprobs, indices in row_blocks(student_logits, kernel_logprobs.detach(), teacher_topk_indices):
+        block_labels = None if rows_labels is None else rows_labels[start:start + student.shape[0]]
+        parts.append(op(student, logprobs, indices, block_labels, scale, *options)[0])
+        start += student.shape[0]
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)
     return rows.view(lead) if reduction == "none" else rows.sum()
