@@ -8,14 +8,17 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "fd_checks.h"
 #include "fd_cpu_isa.h"
 #include "fd_int8_cpu.h"
+
+#if FD_X86
+#include <immintrin.h>
+#endif
 
 namespace fastdistill {
 namespace {
@@ -37,25 +40,55 @@ FD_INLINE const float* widen(const T* row, int64_t K, std::vector<float>& buf) {
 
 // ---- quantize_per_token ----
 
-FD_CLONES float row_absmax(const float* x, int64_t K) {
-  float a = 0.0f;
+// max |x| of a row as the bits of a float, compared as integers: for non-negative floats the integer order
+// is the float order, and every NaN (0x7f800001..0x7fffffff once the sign is cleared) sorts above inf, so a
+// row with a NaN gives a NaN (a float max reduction drops NaN).
+FD_CLONES uint32_t row_absmax_bits(const float* x, int64_t K) {
+  uint32_t a = 0;
 #pragma omp simd reduction(max : a)
   for (int64_t k = 0; k < K; ++k) {
-    const float v = x[k] < 0.0f ? -x[k] : x[k];
-    a = v > a ? v : a;
+    uint32_t b;
+    std::memcpy(&b, x + k, sizeof b);
+    b &= 0x7fffffffu;
+    a = b > a ? b : a;
   }
   return a;
 }
 
-// q = rint(clamp(x * inv, -127, 127)); nearbyintf rounds half to even (default rounding mode).
-FD_CLONES void row_quantize(const float* x, int64_t K, float inv, int8_t* q) {
+// q = rint(clamp((x * pre) * inv, -127, 127)); nearbyintf rounds half to even (default rounding mode).
+// pre is 1 (an exact no-op) except for tiny rows, where it is 2^64 (see quantize_row).
+template <bool kPre>
+FD_CLONES void row_quantize(const float* x, int64_t K, float pre, float inv, int8_t* q) {
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) {
-    float v = x[k] * inv;
+    float v = (kPre ? x[k] * pre : x[k]) * inv;
     v = v > 127.0f ? 127.0f : v;
     v = v < -127.0f ? -127.0f : v;
     q[k] = static_cast<int8_t>(static_cast<int32_t>(__builtin_nearbyintf(v)));
   }
+}
+
+// One row by the rule in csrc/ops.cpp: NaN row -> scale NaN, inf row -> scale inf, zero row -> scale 0, all
+// three with q = 0; a < 2^-64 -> x and a scaled by 2^64 first (127 / a overflows below ~3.7e-37).
+FD_INLINE float quantize_row(const float* row, int64_t K, int8_t* q) {
+  const uint32_t bits = row_absmax_bits(row, K);
+  if (bits > 0x7f800000u) {
+    std::memset(q, 0, K);
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  float a;
+  std::memcpy(&a, &bits, sizeof a);
+  if (bits == 0 || bits == 0x7f800000u) {
+    std::memset(q, 0, K);
+    return a;  // 0 or inf
+  }
+  constexpr float kTiny = 0x1p-64f, kPre = 0x1p64f;
+  if (a < kTiny) {
+    row_quantize<true>(row, K, kPre, 127.0f / (a * kPre), q);
+  } else {
+    row_quantize<false>(row, K, 1.0f, 127.0f / a, q);
+  }
+  return a / 127.0f;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
@@ -72,12 +105,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_cpu(const at::Tensor& x) {
       const scalar_t* xp = x.data_ptr<scalar_t>();
       at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b, int64_t e) {
         std::vector<float> buf(std::is_same_v<scalar_t, float> ? 0 : K);
-        for (int64_t m = b; m < e; ++m) {
-          const float* row = widen(xp + m * K, K, buf);
-          const float a = row_absmax(row, K);
-          sp[m] = a / 127.0f;
-          row_quantize(row, K, a > 0.0f ? 127.0f / a : 0.0f, qp + m * K);
-        }
+        for (int64_t m = b; m < e; ++m) sp[m] = quantize_row(widen(xp + m * K, K, buf), K, qp + m * K);
       });
     }
   });
@@ -157,6 +185,7 @@ at::Tensor int8_linear_epilogue_cpu(const at::Tensor& acc, const at::Tensor& x_s
 
 constexpr int64_t kNB = 32;  // rows of w per task (its int16 copy, kNB x K16, stays in L2)
 
+#if FD_X86
 template <int TM, int TN>
 __attribute__((target("avx2"))) void madd_tile(const int16_t* x, const int16_t* w, int64_t K16, int32_t* acc) {
   __m256i a[TM][TN];
@@ -180,7 +209,9 @@ __attribute__((target("avx2"))) void madd_tile(const int16_t* x, const int16_t* 
   }
 }
 
-// Portable tile for CPUs without AVX2 (same exact int32 sums).
+#endif
+
+// Portable tile for CPUs without AVX2 and other architectures (same exact int32 sums).
 template <int TM, int TN>
 void scalar_tile(const int16_t* x, const int16_t* w, int64_t K16, int32_t* acc) {
   for (int i = 0; i < TM; ++i)
@@ -193,12 +224,31 @@ void scalar_tile(const int16_t* x, const int16_t* w, int64_t K16, int32_t* acc) 
 
 template <int TM>
 void tile_tm(bool avx2, int tn, const int16_t* x, const int16_t* w, int64_t K16, int32_t* acc) {
-  switch (tn) {
-    case 4: return avx2 ? madd_tile<TM, 4>(x, w, K16, acc) : scalar_tile<TM, 4>(x, w, K16, acc);
-    case 3: return avx2 ? madd_tile<TM, 3>(x, w, K16, acc) : scalar_tile<TM, 3>(x, w, K16, acc);
-    case 2: return avx2 ? madd_tile<TM, 2>(x, w, K16, acc) : scalar_tile<TM, 2>(x, w, K16, acc);
-    default: return avx2 ? madd_tile<TM, 1>(x, w, K16, acc) : scalar_tile<TM, 1>(x, w, K16, acc);
+#if FD_X86
+  if (avx2) {
+    switch (tn) {
+      case 4: return madd_tile<TM, 4>(x, w, K16, acc);
+      case 3: return madd_tile<TM, 3>(x, w, K16, acc);
+      case 2: return madd_tile<TM, 2>(x, w, K16, acc);
+      default: return madd_tile<TM, 1>(x, w, K16, acc);
+    }
   }
+#endif
+  switch (tn) {
+    case 4: return scalar_tile<TM, 4>(x, w, K16, acc);
+    case 3: return scalar_tile<TM, 3>(x, w, K16, acc);
+    case 2: return scalar_tile<TM, 2>(x, w, K16, acc);
+    default: return scalar_tile<TM, 1>(x, w, K16, acc);
+  }
+}
+
+bool has_avx2() {
+#if FD_X86 && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+#else
+  return false;
+#endif
 }
 
 void widen_i8(const int8_t* src, int64_t K, int64_t K16, int16_t* dst) {
@@ -210,7 +260,7 @@ template <typename O>
 void madd_gemm(const at::Tensor& x, const float* xs, const at::Tensor& w, const float* ws, const float* bp,
                O* out) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), K16 = (K + 15) / 16 * 16;
-  const bool avx2 = __builtin_cpu_supports("avx2");
+  const bool avx2 = has_avx2();
   std::vector<int16_t> x16(M * K16);
   const int8_t *xp = x.data_ptr<int8_t>(), *wp = w.data_ptr<int8_t>();
   at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
@@ -246,10 +296,15 @@ void madd_gemm(const at::Tensor& x, const float* xs, const at::Tensor& w, const 
 
 // oneDNN's int8 GEMM is fast only with VNNI or AMX; without them (AVX2-only CPUs) torch._int_mm on CPU
 // ran ~25x slower than an fp32 matmul on the dev machine, so the madd GEMM above takes over.
+// Elsewhere (aarch64) the portable tiles run: their int32 sums are exact, so the bits are the same.
 bool onednn_int8_fast() {
+#if FD_X86 && defined(__GNUC__)
   static const bool fast = __builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni") ||
                            __builtin_cpu_supports("amx-int8");
   return fast;
+#else
+  return false;
+#endif
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,

@@ -5,21 +5,23 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
-
 #include "fd_checks.h"
+#include "fd_cpu_isa.h"
 #include "fd_int8_cpu.h"
+
+#if FD_X86
+#include <immintrin.h>
+#endif
 
 namespace fastdistill {
 namespace {
-
-#define FD_INLINE inline __attribute__((always_inline))
 
 // ---- W8A16: out[m, n] = sum_g w_scale[n, g] * sum_{k in g} x[m, k] * q[n, k] (+ bias[n]), fp32.
 // Rows of x are taken MB <= 8 at a time, so each weight byte is widened once per 8 rows, and NT output
 // channels at once, so small MB still has independent FMA chains. Within a group: 8-lane partial sums,
 // then the k % 8 tail, in a fixed order (deterministic). ----
 
+#if FD_X86
 FD_INLINE float hsum_ps(__m256 v) __attribute__((target("avx2")));
 FD_INLINE float hsum_ps(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -75,6 +77,8 @@ __attribute__((target("avx2,fma"))) void wo_tile_avx2(const float* x, int64_t K,
     }
 }
 
+#endif
+
 // Any CPU: the same sums, one output at a time.
 void wo_scalar(int mb, const float* x, int64_t K, const int8_t* w, const float* ws, int64_t gs, const float* bp,
                int64_t n, float* out, int64_t N) {
@@ -90,6 +94,7 @@ void wo_scalar(int mb, const float* x, int64_t K, const int8_t* w, const float* 
   }
 }
 
+#if FD_X86
 template <int MB>
 void wo_range_avx2(const float* x, int64_t K, const int8_t* w, const float* ws, int64_t gs, const float* bp,
                    int64_t n0, int64_t n1, float* out, int64_t N) {
@@ -99,23 +104,34 @@ void wo_range_avx2(const float* x, int64_t K, const int8_t* w, const float* ws, 
   for (; n < n1; ++n) wo_tile_avx2<MB, 1>(x, K, w, ws, gs, bp, n, out, N);
 }
 
+#endif
+
+bool has_avx2_fma() {
+#if FD_X86 && defined(__GNUC__)
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 void wo_block(int mb, const float* x, int64_t K, const int8_t* w, const float* ws, int64_t gs, const float* bp,
               int64_t n0, int64_t n1, float* out, int64_t N) {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (!avx2) {
-    for (int64_t n = n0; n < n1; ++n) wo_scalar(mb, x, K, w, ws, gs, bp, n, out, N);
-    return;
+#if FD_X86
+  if (has_avx2_fma()) {
+    switch (mb) {
+      case 8: return wo_range_avx2<8>(x, K, w, ws, gs, bp, n0, n1, out, N);
+      case 7: return wo_range_avx2<7>(x, K, w, ws, gs, bp, n0, n1, out, N);
+      case 6: return wo_range_avx2<6>(x, K, w, ws, gs, bp, n0, n1, out, N);
+      case 5: return wo_range_avx2<5>(x, K, w, ws, gs, bp, n0, n1, out, N);
+      case 4: return wo_range_avx2<4>(x, K, w, ws, gs, bp, n0, n1, out, N);
+      case 3: return wo_range_avx2<3>(x, K, w, ws, gs, bp, n0, n1, out, N);
+      case 2: return wo_range_avx2<2>(x, K, w, ws, gs, bp, n0, n1, out, N);
+      default: return wo_range_avx2<1>(x, K, w, ws, gs, bp, n0, n1, out, N);
+    }
   }
-  switch (mb) {
-    case 8: return wo_range_avx2<8>(x, K, w, ws, gs, bp, n0, n1, out, N);
-    case 7: return wo_range_avx2<7>(x, K, w, ws, gs, bp, n0, n1, out, N);
-    case 6: return wo_range_avx2<6>(x, K, w, ws, gs, bp, n0, n1, out, N);
-    case 5: return wo_range_avx2<5>(x, K, w, ws, gs, bp, n0, n1, out, N);
-    case 4: return wo_range_avx2<4>(x, K, w, ws, gs, bp, n0, n1, out, N);
-    case 3: return wo_range_avx2<3>(x, K, w, ws, gs, bp, n0, n1, out, N);
-    case 2: return wo_range_avx2<2>(x, K, w, ws, gs, bp, n0, n1, out, N);
-    default: return wo_range_avx2<1>(x, K, w, ws, gs, bp, n0, n1, out, N);
-  }
+#endif
+  for (int64_t n = n0; n < n1; ++n) wo_scalar(mb, x, K, w, ws, gs, bp, n, out, N);
 }
 
 // Small M: the GEMV-style kernel above, each weight byte widened once per 8 rows.

@@ -19,9 +19,11 @@ constexpr int kQuantThreads = 256;
 // max that keeps a NaN once seen (fmaxf would drop it), so a row with NaN gets a NaN scale.
 __device__ __forceinline__ float nan_max(float a, float v) { return (v > a || v != v) ? v : a; }
 
-__device__ __forceinline__ int8_t quantize_one(float v, float inv) {
-  const float t = fminf(fmaxf(__fmul_rn(v, inv), -127.0f), 127.0f);
-  return (int8_t)__float2int_rn(t);  // round half to even
+// (v * pre) * inv, clamped, rounded half to even; pre = 1 (exact) except in tiny rows (2^64, see below).
+// ok == false (zero, inf or NaN row): 0.
+__device__ __forceinline__ int8_t quantize_one(float v, float pre, float inv, bool ok) {
+  const float t = fminf(fmaxf(__fmul_rn(__fmul_rn(v, pre), inv), -127.0f), 127.0f);
+  return ok ? (int8_t)__float2int_rn(t) : (int8_t)0;
 }
 
 // One block per row: absmax (16-byte loads, warp shuffles + a fixed smem pass), then the row is read
@@ -51,22 +53,28 @@ __global__ void __launch_bounds__(kQuantThreads)
 #pragma unroll
   for (int w = 1; w < kQuantThreads / 32; ++w) a = nan_max(a, warp_max[w]);
 
-  const float inv = a == 0.0f ? 0.0f : __fdiv_rn(127.0f, a);
-  if (threadIdx.x == 0) scale[blockIdx.x] = __fdiv_rn(a, 127.0f);
+  // The rule of csrc/ops.cpp: NaN row -> scale NaN (one bit pattern), inf row -> inf, zero row -> 0, all three
+  // with q = 0; rows with a < 2^-64 are scaled by 2^64 first (127 / a overflows below ~3.7e-37).
+  const bool ok = a > 0.0f && a < INFINITY;
+  const float pre = a < 0x1p-64f ? 0x1p64f : 1.0f;
+  const float inv = ok ? __fdiv_rn(127.0f, __fmul_rn(a, pre)) : 0.0f;
+  if (threadIdx.x == 0) scale[blockIdx.x] = a != a ? __int_as_float(0x7fc00000) : __fdiv_rn(a, 127.0f);
 
   for (int64_t i = threadIdx.x; i < nvec; i += kQuantThreads) {
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(xr) + i);
     const T* e = reinterpret_cast<const T*>(&raw);
     int8_t out[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = quantize_one(to_f(e[j]), inv);
+    for (int j = 0; j < V; ++j) out[j] = quantize_one(to_f(e[j]), pre, inv, ok);
     if constexpr (V == 8) {
       reinterpret_cast<uint2*>(qr)[i] = *reinterpret_cast<const uint2*>(out);
     } else {
       reinterpret_cast<uint32_t*>(qr)[i] = *reinterpret_cast<const uint32_t*>(out);
     }
   }
-  for (int64_t k = nvec * V + threadIdx.x; k < K; k += kQuantThreads) qr[k] = quantize_one(to_f(xr[k]), inv);
+  for (int64_t k = nvec * V + threadIdx.x; k < K; k += kQuantThreads) {
+    qr[k] = quantize_one(to_f(xr[k]), pre, inv, ok);
+  }
 }
 
 constexpr int kEpiThreads = 256;

@@ -14,35 +14,55 @@ import triton
 import triton.language as tl
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + M - M rounds |v| < 2^22 to nearest even
+TINY = tl.constexpr(2.0**-64)  # rows with max|x| below it are scaled by PRE first (127 / a would overflow)
+PRE = tl.constexpr(2.0**64)
+ABS_BITS = tl.constexpr(0x7FFFFFFF)
+INF_BITS = tl.constexpr(0x7F800000)
+NAN_BITS = tl.constexpr(0x7FC00000)  # the one NaN every backend writes as the scale of a NaN row
 
 
 @triton.jit
 def _quantize_per_token_kernel(x_ptr, q_ptr, s_ptr, K, BLOCK_K: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    # absmax on the magnitude bits as integers: the float order for non-negative floats, and NaN sorts above
+    # inf, so a NaN row keeps its NaN (tl.maximum / tl.max on floats drop NaN on GPUs)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_ptr + row * K + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    a = tl.max(amax, axis=0)
-    tl.store(s_ptr + row, tl.math.div_rn(a, 127.0))
-    safe = tl.where(a > 0.0, a, 1.0)
-    inv = tl.where(a > 0.0, tl.math.div_rn(tl.full((), 127.0, tl.float32), safe), 0.0)
+        amax = tl.maximum(amax, x.to(tl.int32, bitcast=True) & ABS_BITS)
+    bits = tl.max(amax, axis=0)
+    a = bits.to(tl.float32, bitcast=True)
+    nan = tl.full((), NAN_BITS, tl.int32).to(tl.float32, bitcast=True)
+    tl.store(s_ptr + row, tl.where(bits > INF_BITS, nan, tl.math.div_rn(a, 127.0)))
+    ok = (bits > 0) & (bits < INF_BITS)  # zero, inf and NaN rows quantize to 0
+    pre = tl.where(a < TINY, PRE, 1.0)
+    inv = tl.math.div_rn(tl.full((), 127.0, tl.float32), tl.where(ok, a * pre, 1.0))
     for k0 in range(0, K, BLOCK_K):
         mask = k0 + offs < K
         x = tl.load(x_ptr + row * K + k0 + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.minimum(tl.maximum(x * inv, -127.0), 127.0)
+        v = tl.minimum(tl.maximum((x * pre) * inv, -127.0), 127.0)
         v = (v + RNE_MAGIC) - RNE_MAGIC
-        tl.store(q_ptr + row * K + k0 + offs, v.to(tl.int8), mask=mask)
+        tl.store(q_ptr + row * K + k0 + offs, tl.where(ok, v, 0.0).to(tl.int8), mask=mask)
 
 
-def quantize_per_token_launch(x, q, scale, *, interpret: bool) -> None:
+def quantize_per_token_config(K: int, gpu: bool) -> tuple[int, int]:
+    """(BLOCK_K, num_warps): the GPU's, or a small block that keeps the interpreter fast."""
+    if not gpu:
+        return 32, 4
+    block = min(4096, max(16, triton.next_power_of_2(K)))
+    return block, 4 if block <= 1024 else 8
+
+
+def quantize_per_token_launch(x, q, scale, *, interpret: bool, gpu_config: bool | None = None) -> None:
+    """gpu_config (default: not interpret) picks the GPU's configuration; tests set it to run that exact
+    configuration in the interpreter."""
     M, K = x.shape
     if M == 0:
         return
-    block = 32 if interpret else min(4096, max(16, triton.next_power_of_2(K)))
-    extra = {} if interpret else {"enable_fp_fusion": False}  # x * inv must round before the +-1.5*2^23
-    _quantize_per_token_kernel[(M,)](x, q, scale, K, BLOCK_K=block, num_warps=4 if block <= 1024 else 8, **extra)
+    block, warps = quantize_per_token_config(K, not interpret if gpu_config is None else gpu_config)
+    # enable_fp_fusion=False: x * inv must round before the +-1.5*2^23 (the interpreter ignores the option)
+    _quantize_per_token_kernel[(M,)](x, q, scale, K, BLOCK_K=block, num_warps=warps, enable_fp_fusion=False)
 
 
 @triton.jit
@@ -70,9 +90,10 @@ def _int8_linear_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, H
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], t.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _gemm_blocks(M: int, interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); small M gets a 16-row tile (the GEMV regime)."""
-    if interpret:
+def _gemm_blocks(M: int, gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); small M gets a 16-row tile (the GEMV regime). Without gpu:
+    small tiles that keep the interpreter fast."""
+    if not gpu:
         return 16, 32, 32, 4
     if M <= 16:
         return 16, 64, 128, 4
@@ -81,26 +102,29 @@ def _gemm_blocks(M: int, interpret: bool) -> tuple[int, int, int, int]:
     return 128, 128, 64, 8
 
 
-def _interpreter_out(out, interpret: bool):
-    """The interpreter casts float32 -> bf16/fp16 by truncation (GPUs round to nearest even), so interpreted
-    kernels write float32 and torch does the rounding; returns the buffer the kernel writes."""
-    if interpret and out.dtype != torch.float32:
+def _interpreter_out(out, interpret: bool, gpu: bool):
+    """The interpreter casts float32 -> bf16 by truncation (GPUs round to nearest even; its fp16 cast rounds
+    correctly), so interpreted kernels write bf16 outputs as float32 and torch does the rounding; returns the
+    buffer the kernel writes. gpu=True (the GPU configuration, tests) keeps the kernel's own cast."""
+    if interpret and not gpu and out.dtype == torch.bfloat16:
         return torch.empty(out.shape, dtype=torch.float32, device=out.device)
     return out
 
 
-def int8_linear_launch(x, w, x_scale, w_scale, bias, out, *, interpret: bool) -> None:
+def int8_linear_launch(x, w, x_scale, w_scale, bias, out, *, interpret: bool, gpu_config: bool | None = None) -> None:
+    """gpu_config (default: not interpret): the GPU's tiles and in-kernel output cast (tests run it interpreted)."""
     M, K = x.shape
     N = w.shape[0]
     if M == 0 or N == 0:
         return
-    final, out = out, _interpreter_out(out, interpret)
-    bm, bn, bk, warps = _gemm_blocks(M, interpret)
+    gpu = not interpret if gpu_config is None else gpu_config
+    final, out = out, _interpreter_out(out, interpret, gpu)
+    bm, bn, bk, warps = _gemm_blocks(M, gpu)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    extra = {} if interpret else {"num_stages": 3, "enable_fp_fusion": False}
+    # the interpreter ignores num_stages and enable_fp_fusion
     _int8_linear_kernel[grid](x, w, x_scale, w_scale, bias if bias is not None else x_scale, out, M, N, K,
                               HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                              **extra)
+                              num_stages=3, enable_fp_fusion=False)
     if out is not final:
         final.copy_(out)
 
@@ -137,21 +161,24 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, GROUP, N_G
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def int8_weight_only_linear_launch(x, w, w_scale, bias, out, group_size: int, *, interpret: bool) -> None:
+def int8_weight_only_linear_launch(x, w, w_scale, bias, out, group_size: int, *, interpret: bool,
+                                   gpu_config: bool | None = None) -> None:
+    """gpu_config (default: not interpret): the GPU's tiles, dot precision and output cast. The interpreter
+    has no bf16 matmul (it would multiply the raw bits), so bf16 x needs IEEE fp32 dots when interpreted."""
     M, K = x.shape
     N = w.shape[0]
     if M == 0 or N == 0:
         return
-    final, out = out, _interpreter_out(out, interpret)
-    bm, bn, bk, warps = _gemm_blocks(M, interpret)
-    if not interpret:
+    gpu = not interpret if gpu_config is None else gpu_config
+    final, out = out, _interpreter_out(out, interpret, gpu)
+    bm, bn, bk, warps = _gemm_blocks(M, gpu)
+    if gpu:
         bk = min(bk, 64)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     group = group_size if group_size else max(K, 1)
-    extra = {} if interpret else {"num_stages": 3}
     _weight_only_kernel[grid](x, w, w_scale, bias if bias is not None else w_scale, out, M, N, K, group,
                               max(K // group, 1), PER_CHANNEL=group_size == 0, HAS_BIAS=bias is not None,
-                              IEEE=x.dtype.itemsize == 4 or interpret, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                              num_warps=warps, **extra)
+                              IEEE=x.dtype.itemsize == 4 or not gpu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                              num_warps=warps, num_stages=3)
     if out is not final:
         final.copy_(out)

@@ -7,8 +7,15 @@ re-quantized lazily when the master weight's version counter changed (every opti
 load_state_dict bump it; reading it is a Python int, no host sync). Under torch.compile the counter is
 not traced, so compiled forwards re-quantize every call (one pass over the weight).
 
+trainable=False (frozen) layers are not trained but pass gradients on: W8A8 gives x the same straight-through
+gradient dy @ dequantized weight (quantizing x has no derivative), W8A16 the exact one, so the layers before
+a frozen int8 layer keep training.
+
 SmoothQuant: with per-input-channel factors s (fastdistill.quant.calibrate), the layer stores W * s and
-multiplies activations by 1 / s (buffer smooth_inv) before quantizing them.
+multiplies activations by 1 / s (buffer smooth_inv) before quantizing them. Factors must be finite and > 0.
+
+The int8 kernels take float32/bf16/fp16 activations; a float64 model's layers compute in float32 (int8 is
+far coarser than either) and return float64.
 """
 from __future__ import annotations
 
@@ -21,6 +28,32 @@ from fastdistill.ops.quantize_per_token import quantize_per_token
 from fastdistill.reference.int8_linear import dequantize_weight_ref
 
 MODES = ("w8a8", "w8a16")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_features(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: must be >= 0, got {value}")
+    return value
+
+
+def check_smooth(name: str, smooth, in_features: int) -> torch.Tensor:
+    """SmoothQuant factors: a float tensor [in_features], finite and > 0 (0 or a negative factor would zero or
+    flip a channel, inf/NaN would make every output NaN). One host sync, at quantization time."""
+    if not isinstance(smooth, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor of per-input-channel factors, got {type(smooth).__name__}")
+    if not smooth.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {smooth.dtype}")
+    if tuple(smooth.shape) != (in_features,):
+        raise ValueError(f"{name}: expected shape ({in_features},), got {tuple(smooth.shape)}")
+    bad = ~(torch.isfinite(smooth) & (smooth > 0))
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{name}: factors must be finite and > 0, got {float(smooth[j])} at input channel {j} "
+                         f"({int(bad.sum())} bad of {in_features})")
+    return smooth
 
 
 def quantize_weight(w: torch.Tensor, group_size: int = 0, backend: str = "auto"):
@@ -33,18 +66,19 @@ def quantize_weight(w: torch.Tensor, group_size: int = 0, backend: str = "auto")
 
 class _StraightThrough(torch.autograd.Function):
     """Forward: the int8 kernels. Backward: as if the weight were its dequantized value (and, in W8A8,
-    as if activation quantization were the identity)."""
+    as if activation quantization were the identity). master is None for frozen layers (x only)."""
 
     @staticmethod
-    def forward(x, master, bias, w_int8, w_scale, mode, group_size, backend):
-        return _int8_forward(x, w_int8, w_scale, bias, mode, backend)
+    def forward(x, master, bias, w_int8, w_scale, mode, group_size, backend, validate):
+        return _int8_forward(x, w_int8, w_scale, bias, mode, backend, validate)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, master, bias, w_int8, w_scale, mode, group_size, backend = inputs
-        ctx.save_for_backward(x, w_int8, w_scale)
+        x, master, bias, w_int8, w_scale, mode, group_size, backend, validate = inputs
+        ctx.save_for_backward(x if master is not None else None, w_int8, w_scale)  # x only for d(master)
         ctx.group_size = group_size
-        ctx.master_dtype = master.dtype
+        ctx.master_dtype = None if master is None else master.dtype
+        ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.has_bias = bias is not None
 
     @staticmethod
@@ -53,29 +87,37 @@ class _StraightThrough(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1]).float()
         dx = dmaster = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = (dy2 @ dequantize_weight_ref(w_int8, w_scale, ctx.group_size)).to(x.dtype).view(x.shape)
+            dx = (dy2 @ dequantize_weight_ref(w_int8, w_scale, ctx.group_size)).to(ctx.x_dtype).view(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             dmaster = (dy2.t() @ x.reshape(-1, x.shape[-1]).float()).to(ctx.master_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2.sum(0)
-        return dx, dmaster, dbias, None, None, None, None, None
+        return dx, dmaster, dbias, None, None, None, None, None, None
 
 
-def _int8_forward(x, w_int8, w_scale, bias, mode, backend):
+def _int8_forward(x, w_int8, w_scale, bias, mode, backend, validate=False):
+    if x.dtype not in KERNEL_DTYPES:  # float64: computed in float32, returned in x's dtype
+        return _int8_forward(x.float(), w_int8, w_scale, bias, mode, backend, validate).to(x.dtype)
     if mode == "w8a16":
-        return int8_weight_only_linear(x, w_int8, w_scale, bias, backend=backend)
-    xq, xs = quantize_per_token(x, backend=backend)
+        return int8_weight_only_linear(x, w_int8, w_scale, bias, backend=backend, validate=validate)
+    xq, xs = quantize_per_token(x, backend=backend, validate=validate)
     return int8_linear(xq, xs, w_int8, w_scale, bias, out_dtype=x.dtype, backend=backend)
 
 
 class Int8Linear(nn.Module):
     """y = x W^T + b with W in int8: mode "w8a8" (per-token dynamic int8 activations, per-channel weights,
-    int32 accumulation) or "w8a16" (per-channel or per-group weights, float activations)."""
+    int32 accumulation) or "w8a16" (per-channel or per-group weights, float activations).
+    validate=True refuses inf/NaN activations (ValueError, one host sync per call); by default a row with
+    inf/NaN gives a non-finite output row."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
                  group_size: int | None = None, trainable: bool = False, smooth: bool = False,
-                 backend: str = "auto", device=None):
+                 backend: str = "auto", device=None, validate: bool = False):
         super().__init__()
+        check_features("in_features", in_features)
+        check_features("out_features", out_features)
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate: expected a bool, got {type(validate).__name__}")
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         if group_size is not None:
@@ -86,6 +128,7 @@ class Int8Linear(nn.Module):
                                  f"got {group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.group_size, self.trainable, self.backend = mode, group_size or 0, trainable, backend
+        self.validate = validate
         scale_shape = (out_features,) if not group_size else (out_features, in_features // group_size)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.zeros(scale_shape, dtype=torch.float32, device=device))
@@ -100,20 +143,21 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", *, group_size: int | None = None,
-                    trainable: bool = False, smooth: torch.Tensor | None = None, backend: str = "auto"):
-        """Quantizes `linear` (its weights are read, not modified). smooth: per-input-channel factors s
-        (W is stored as W * s, activations are multiplied by 1 / s)."""
+                    trainable: bool = False, smooth: torch.Tensor | None = None, backend: str = "auto",
+                    validate: bool = False):
+        """Quantizes `linear` (its weights are read, not modified). smooth: per-input-channel factors s,
+        finite and > 0 (W is stored as W * s, activations are multiplied by 1 / s)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
+        if smooth is not None:
+            check_smooth("smooth", smooth, linear.in_features)
         out = cls(linear.in_features, linear.out_features, linear.bias is not None, mode, group_size, trainable,
-                  smooth is not None, backend, device=linear.weight.device)
+                  smooth is not None, backend, device=linear.weight.device, validate=validate)
         w = linear.weight.detach().float()
         if smooth is not None:
-            if tuple(smooth.shape) != (linear.in_features,):
-                raise ValueError(f"smooth: expected shape ({linear.in_features},), got {tuple(smooth.shape)}")
             smooth = smooth.to(w.device, torch.float32)
             w = w * smooth
-            out.smooth_inv.copy_(torch.where(smooth > 0, 1.0 / smooth, torch.ones_like(smooth)))
+            out.smooth_inv.copy_(1.0 / smooth)
         with torch.no_grad():
             if trainable:
                 out.weight.copy_(w)
@@ -148,7 +192,8 @@ class Int8Linear(nn.Module):
         if self.trainable:
             self._refresh()
         out = Int8Linear(self.in_features, self.out_features, self.bias is not None, self.mode, self.group_size or None,
-                         False, self.smooth_inv is not None, self.backend, device=self.weight_int8.device)
+                         False, self.smooth_inv is not None, self.backend, device=self.weight_int8.device,
+                         validate=self.validate)
         for name in ("weight_int8", "weight_scale", "smooth_inv", "bias"):
             if getattr(out, name) is not None:
                 getattr(out, name).copy_(getattr(self, name))
@@ -165,11 +210,16 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth_inv is not None:
             x = x * self.smooth_inv.to(x.dtype)
-        if not self.trainable:  # .float(): a no-op unless model.to(bf16/fp16) converted the scale buffer
-            return _int8_forward(x, self.weight_int8, self.weight_scale.float(), self.bias, self.mode, self.backend)
+        # .float(): a no-op unless model.to(float64/bf16/fp16) converted the scale buffer
+        w_scale = self.weight_scale.float()
+        if not self.trainable:
+            if self.mode == "w8a16":  # the op's own gradient for x: exact
+                return _int8_forward(x, self.weight_int8, w_scale, self.bias, self.mode, self.backend, self.validate)
+            return _StraightThrough.apply(x, None, self.bias, self.weight_int8, w_scale, self.mode, self.group_size,
+                                          self.backend, self.validate)
         self._refresh()
-        return _StraightThrough.apply(x, self.weight, self.bias, self.weight_int8, self.weight_scale, self.mode,
-                                      self.group_size, self.backend)
+        return _StraightThrough.apply(x, self.weight, self.bias, self.weight_int8, w_scale, self.mode,
+                                      self.group_size, self.backend, self.validate)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -178,6 +228,12 @@ class Int8Linear(nn.Module):
             t = state_dict.get(prefix + name)
             if t is not None and t.dtype != dtype:
                 error_msgs.append(f"{prefix}{name}: expected {dtype}, got {t.dtype} (shape {tuple(t.shape)})")
+        inv = state_dict.get(prefix + "smooth_inv")
+        if self.smooth_inv is not None and isinstance(inv, torch.Tensor) and inv.shape == self.smooth_inv.shape:
+            try:
+                check_smooth(f"{prefix}smooth_inv", inv, self.in_features)
+            except (TypeError, ValueError) as e:
+                error_msgs.append(str(e))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._qversion = None
@@ -185,4 +241,5 @@ class Int8Linear(nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"mode={self.mode}{g}, trainable={self.trainable}, smooth={self.smooth_inv is not None}")
+                f"mode={self.mode}{g}, trainable={self.trainable}, smooth={self.smooth_inv is not None}"
+                + (", validate=True" if self.validate else ""))

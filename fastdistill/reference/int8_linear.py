@@ -2,19 +2,31 @@
 quantize_per_token_ref and int8_linear_ref bit for bit, int8_weight_only_linear_ref within tolerance).
 
 Symmetric int8 everywhere: for a row (token, output channel or group) with a = max|v| in float32,
-scale = a / 127 and q = rint(clamp(v * (127 / a), -127, 127)) (round half to even; 0 where a == 0).
+scale = a / 127 and q = rint(clamp(v * (127 / a), -127, 127)) (round half to even). Special rows:
+- a == 0: scale 0, q 0.  NaN anywhere in the row: scale NaN (the quiet NaN 0x7fc00000), q 0.
+  inf (and no NaN): scale inf, q 0. So a non-finite input row gives a non-finite output row downstream.
+- a < 2^-64 (tiny or denormal rows): 127 / a would overflow for a < ~3.7e-37, so v and a are first
+  multiplied by 2^64 (exact: a power of two): q = rint(clamp((v * 2^64) * (127 / (a * 2^64)))). This
+  gives the bits the plain formula would give with an unbounded exponent.
 """
 from __future__ import annotations
 
 import torch
 
+TINY = 2.0**-64  # rows with max|v| below this are quantized in units of 2^-64 (see above)
+
 
 def _symmetric(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantizes the last dim of float32 `v`: (int8 values, float32 scale of shape v.shape[:-1])."""
-    a = v.abs().amax(-1) if v.shape[-1] > 0 else v.new_zeros(v.shape[:-1])
-    scale = a / 127.0
-    inv = torch.where(a > 0, torch.full_like(a, 127.0) / a, torch.zeros_like(a))  # true division, like the kernels
-    q = torch.round((v * inv.unsqueeze(-1)).clamp(-127.0, 127.0)).to(torch.int8)
+    a = v.abs().amax(-1) if v.shape[-1] > 0 else v.new_zeros(v.shape[:-1])  # amax propagates NaN
+    nan = a.isnan()
+    scale = torch.where(nan, torch.full_like(a, float("nan")), a / 127.0)  # one NaN bit pattern for all
+    ok = (a > 0) & (a < float("inf"))  # false for 0, inf, NaN: those rows quantize to zeros
+    p = torch.where(a < TINY, torch.full_like(a, 2.0**64), torch.ones_like(a))
+    inv = torch.where(ok, torch.full_like(a, 127.0) / torch.where(ok, a * p, 1.0), torch.zeros_like(a))
+    v = v * p.unsqueeze(-1)
+    q = torch.round((v * inv.unsqueeze(-1)).clamp(-127.0, 127.0))
+    q = torch.where(ok.unsqueeze(-1), q, 0.0).to(torch.int8)
     return q, scale
 
 
