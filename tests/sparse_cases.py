@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 
 import torch
 
@@ -49,8 +51,32 @@ def _run(fn, x, weight, bias, dy):
     return [y.detach(), x.grad, values.grad] + ([] if b is None else [b.grad])
 
 
+@functools.cache
+def interpreter_truncates_bf16() -> bool:
+    """Whether the Triton interpreter rounds fp32 -> bf16 toward zero (triton 3.9: cast_impl drops the
+    rounding mode) where a GPU rounds to nearest even: an interpreted kernel's bf16 store is then off by
+    up to 1 ulp, not 1/2 (seen: 32.249 stored as 32.0, not 32.25, failing seed 1386441115 at M = 1)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(x_ptr, y_ptr):
+        tl.store(y_ptr, tl.load(x_ptr).to(tl.bfloat16))
+
+    x = torch.tensor([32.249], dtype=torch.float32)
+    y = torch.empty(1, dtype=torch.bfloat16)
+    cast[(1,)](x, y)
+    return float(y) == 32.0
+
+
 def check_against_oracle(op, x, weight, bias, seed, **kwargs):
-    """op's output and gradients vs the reference in float64, judged by the reference in x.dtype."""
+    """op's output and gradients vs the reference in float64, judged by the reference in x.dtype. An
+    interpreted Triton kernel's bf16 outputs get the allowance of two roundings (one truncation, up to a
+    whole ulp: see interpreter_truncates_bf16); the kernels' math is right, and GPUs round to nearest."""
+    truncated = (kwargs.get("backend") == "triton" and x.dtype == torch.bfloat16 and not x.is_cuda
+                 and interpreter_truncates_bf16())
     ref = block_sparse_linear_ref if isinstance(weight, BlockSparseWeight) else semi_structured_linear_ref
     g = torch.Generator().manual_seed(seed + 7)
     dy = torch.randn(*x.shape[:-1], weight.shape[0], generator=g, dtype=torch.float64)
@@ -60,4 +86,4 @@ def check_against_oracle(op, x, weight, bias, seed, **kwargs):
     oracle = _run(lambda a, w, b: ref(a, w, b, values=w.values), x.double(), w64,
                   None if bias is None else bias.double(), dy.to(x.device))
     for name, a, r, o in zip(("y", "dx", "dvalues", "dbias"), ours, lowp, oracle):
-        assert_close_to_oracle(a, o, r, msg=name)
+        assert_close_to_oracle(a, o, r, msg=name, roundings=2 if truncated else 1)

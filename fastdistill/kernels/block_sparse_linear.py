@@ -5,6 +5,9 @@ dx:  one program per (BLOCK_M rows of dy, input block column); loops over the co
      so every dx element has one writer (no atomics).
 dw:  one program per stored block; dvalues[p] = dy[:, rows]ᵀ · x[:, cols] over M in a fixed order.
 fp32 operands use IEEE products (no TF32); bf16/fp16 use tensor cores; fp32 accumulation everywhere.
+Under TRITON_INTERPRET the launchers pick another configuration (16-bit tiles widened to fp32, smaller M
+tiles: see _upcast and _block_m); GPU_CONFIG_IN_INTERPRETER = True makes them launch exactly what a GPU
+runs instead (tests/test_sparse_triton_gpu_config.py; fp16 and fp32 only: see _upcast).
 """
 from __future__ import annotations
 
@@ -15,14 +18,22 @@ import triton
 import triton.language as tl
 
 
+GPU_CONFIG_IN_INTERPRETER = False  # tests only: run the GPU configuration in the interpreter too
+
+
+def _interpreted() -> bool:
+    """Whether the launchers pick the interpreter's configuration."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and not GPU_CONFIG_IN_INTERPRETER
+
+
 def _prec(t: torch.Tensor) -> str | None:
     return "ieee" if t.dtype == torch.float32 else None  # None: the default (tensor cores) for 16-bit
 
 
 def _upcast(t: torch.Tensor) -> bool:
-    """The interpreter's tl.dot returns garbage for bf16/fp16 operands (triton 3.9, numpy has no bf16):
+    """The interpreter's tl.dot returns garbage for bf16 operands (triton 3.9, numpy has no bf16; fp16 works):
     there, 16-bit tiles are widened to fp32 first (the same exact products, fp32 accumulation)."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and t.dtype != torch.float32
+    return _interpreted() and t.dtype != torch.float32
 
 
 @triton.jit
@@ -114,7 +125,7 @@ def _block_m(M: int, bn: int, bk: int) -> int:
     allows (a [128, 64] fp32 accumulator per program; untuned on the H200 so far)."""
     if M <= 16:
         return 16
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreted():
         return 32 if M <= 32 or max(bn, bk) == 64 else 64
     return 64 if M <= 64 else 128
 
