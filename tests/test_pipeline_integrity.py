@@ -113,8 +113,9 @@ def test_garbage_run_identity_is_refused(run_dir, text, message):
 
 def test_resume_removes_temporary_files_of_a_killed_write(run_dir):
     summary, out = run_dir
-    stale = [out / "checkpoints" / "teacher.last.safetensors.tmp.4242", out / "checkpoints" / "teacher.final.json.tmp.7",
-             out / "manifest.json.tmp.99", out / "report.md.tmp.99", out / "export" / "student.safetensors.tmp.5"]
+    ckpt = out / "checkpoints"
+    stale = [ckpt / "teacher.last.safetensors.tmp.4242", ckpt / "teacher.final.json.tmp.7", out / "manifest.json.tmp.99",
+             out / "report.md.tmp.99", out / "export" / "student.safetensors.tmp.5"]
     for path in stale:
         path.write_bytes(b"partial")
     (out / "notes.tmp").write_text("mine")  # not a name an atomic write leaves: kept

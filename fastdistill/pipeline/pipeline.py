@@ -192,8 +192,8 @@ class Pipeline:
         """--resume continues only the same run: same resolved config, the same data, the same process count.
         run.json holds that identity; checkpoints carry its hash (rt.run_id) and are refused without it."""
         path = os.path.join(rt.ckpt_dir, "run.json")
-        identity = json.loads(json.dumps({"config": self.manifest["config"], "data_sha256": self.manifest["data_sha256"],
-                                          "world": rt.world}))
+        identity = {"config": self.manifest["config"], "data_sha256": self.manifest["data_sha256"], "world": rt.world}
+        identity = json.loads(json.dumps(identity))  # as run.json will read back
         rt.run_id = checkpoint.json_sha256(identity)
         if rt.resume:
             if os.path.exists(path):
