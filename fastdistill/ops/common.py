@@ -146,6 +146,11 @@ def contiguous_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()
 
 
+def as_int64(labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Labels of any integer dtype as int64 (what F.cross_entropy and the kernels take)."""
+    return None if labels is None else labels.to(torch.int64)
+
+
 def row_labels(labels: torch.Tensor | None) -> torch.Tensor | None:
     """Labels as the kernels read them: contiguous int64 [rows] (kernels index labels by row, so a
     strided column such as y[:, 0] or an expanded tensor must be materialised; it is rows × 8 bytes)."""

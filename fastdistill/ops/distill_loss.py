@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from fastdistill import dispatch
-from fastdistill.ops.common import interpreting, launch_guard, native, register_native, row_blocks, row_labels
+from fastdistill.ops.common import (as_int64, interpreting, launch_guard, native, register_native, row_blocks,
+                                    row_labels)
 from fastdistill.ops.loss_common import (DIVERGENCE_CODES, check_label_values, check_logits, check_loss_options,
                                          loss_backward, loss_outputs, resolve, row_scale, setup_loss_context)
 from fastdistill.reference.distill_loss import distill_loss_ref
@@ -77,7 +78,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     name = dispatch.select("distill_loss", backend, student_logits.device,
                            (student_logits.dtype, teacher_logits.dtype))
     if name == "reference":
-        return distill_loss_ref(student_logits, teacher_logits, labels, divergence=divergence,
+        return distill_loss_ref(student_logits, teacher_logits, as_int64(labels), divergence=divergence,
                                 temperature=float(temperature), beta=float(beta), skew=float(skew),
                                 soft_weight=float(soft_weight), hard_weight=float(hard_weight),
                                 scale_t2=scale_t2, ignore_index=ignore_index, reduction=reduction,

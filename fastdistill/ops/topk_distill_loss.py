@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from fastdistill import dispatch
-from fastdistill.ops.common import interpreting, launch_guard, native, register_native, row_blocks, row_labels
+from fastdistill.ops.common import (as_int64, interpreting, launch_guard, native, register_native, row_blocks,
+                                    row_labels)
 from fastdistill.ops.loss_common import (check_label_values, check_logits, check_loss_options, loss_backward,
                                          loss_outputs, resolve, row_scale, setup_loss_context)
 from fastdistill.reference.topk_distill_loss import TAILS, topk_distill_loss_ref
@@ -104,8 +105,9 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
     """Distillation loss against a teacher stored as its top-k log-probabilities (offline KD).
 
     student_logits (..., V); teacher_topk_logprobs (..., k), the teacher's log_softmax(logits / T)
-    at its top k tokens (any float dtype; a cache stores fp16; the kernels read float64 as float32); teacher_topk_indices (..., k) their
-    token ids (int32/int64, distinct within a row). q = softmax(student / T) over the full vocabulary.
+    at its top k tokens (any float dtype; a cache stores fp16; the kernels read float64 as float32);
+    teacher_topk_indices (..., k) their token ids (int32/int64, distinct within a row).
+    q = softmax(student / T) over the full vocabulary.
       tail="renormalize": p and q restricted to the k ids and renormalized; D over k categories.
       tail="bucket": the k ids plus one "rest" category: p_rest = max(0, 1 - sum exp(lp)) (clamped:
         fp16-rounded log-probs can sum slightly above 1), q_rest = the student's exact mass outside the ids.
@@ -135,9 +137,9 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
     name = dispatch.select("topk_distill_loss", backend, student_logits.device,
                            (student_logits.dtype, kernel_logprobs.dtype))
     if name == "reference":
-        return topk_distill_loss_ref(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels, tail=tail,
-                                     divergence=divergence, temperature=float(temperature), beta=float(beta),
-                                     skew=float(skew), soft_weight=float(soft_weight),
+        return topk_distill_loss_ref(student_logits, teacher_topk_logprobs, teacher_topk_indices, as_int64(labels),
+                                     tail=tail, divergence=divergence, temperature=float(temperature),
+                                     beta=float(beta), skew=float(skew), soft_weight=float(soft_weight),
                                      hard_weight=float(hard_weight), scale_t2=scale_t2, ignore_index=ignore_index,
                                      reduction=reduction, num_items=num_items)
     lead = student_logits.shape[:-1]
