@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 EXT := $(VENV)/.ext-built
 
-.PHONY: demo test bench build clean
+.PHONY: demo test bench build check-package clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(EXT)
 
 test: $(EXT)
 	$(PY) -m pytest -q tests
+
+# sdist -> wheel built from the sdist -> fresh venv -> smoke test (tests/package_check.py; CI runs it).
+check-package: $(DEPS)
+	$(PY) tests/package_check.py
 
 bench: $(EXT)
 	$(PY) benchmarks/bench_distill_loss.py

@@ -88,13 +88,17 @@ def gencode_flags(arch_list):
     return flags
 
 
+# -ffp-contract=off: no silent FMA contraction, so x * (1/T) - max is exactly 0 at the max and
+# every target_clones variant (AVX-512, AVX2, baseline) gives the same bits.
+# -fno-trapping-math: lets GCC turn the selects of the hot loops into blends and vectorize them
+# (nothing here relies on floating-point exception flags).
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "-std=c++17", "--fmad=false"]
+
+
 def extension(info):
     include = [os.path.join(ROOT, "csrc", "include")]
-    # -ffp-contract=off: no silent FMA contraction, so x * (1/T) - max is exactly 0 at the max and
-    # every target_clones variant (AVX-512, AVX2, baseline) gives the same bits.
-    # -fno-trapping-math: lets GCC turn the selects of the hot loops into blends and vectorize them
-    # (nothing here relies on floating-point exception flags).
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+    cxx = list(CXX_FLAGS)
     sources = rel("csrc/ops.cpp") + rel("csrc/cpu/*.cpp")
     nvcc = nvcc_release(CUDA_HOME)
     build_cuda, reason = cuda_plan(os.environ.get("FASTDISTILL_CUDA", ""), torch.version.cuda, CUDA_HOME, nvcc)
@@ -112,7 +116,7 @@ def extension(info):
         return CUDAExtension(
             "fastdistill._C", sources + rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp"),
             include_dirs=include, define_macros=[("FD_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--fmad=false", *arch]},
+            extra_compile_args={"cxx": cxx, "nvcc": [*NVCC_FLAGS, *arch]},
             extra_link_args=["-fopenmp"])
     print(f"fastdistill: building C++ CPU kernels only ({reason})", flush=True)
     return CppExtension("fastdistill._C", sources, include_dirs=include,
