@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastdistill.sparse import GradualPruner, SparseLinear, prune_, remove_masks, report, restore_masks, sparsify_
+from fastdistill.sparse import (GradualPruner, SparseLinear, prune_, re_arm, remove_masks, report, restore_masks,
+                                sparsify_)
 from test_sparse_prune import linears, mlp
 
 STEPS = 3
@@ -45,6 +46,15 @@ def test_deepcopy_keeps_masks_through_training():
     assert_pruned_zero(clone, masks)
     train(model)  # the original keeps its own guards
     assert_pruned_zero(model, masks)
+
+
+def test_compiled_copy_armed_by_re_arm():
+    """torch.compile traces without arming (no tensor hooks while tracing): re_arm before compiling."""
+    model, masks = pruned()
+    clone = copy.deepcopy(model)
+    re_arm(clone)
+    train(torch.compile(clone, fullgraph=True, backend="aot_eager"))
+    assert_pruned_zero(clone, masks)
 
 
 def test_pickled_module_keeps_masks_through_training():

@@ -27,7 +27,8 @@ class SparseLinear(nn.Module):
                  backend: str = "auto"):
         super().__init__()
         if not isinstance(weight, (BlockSparseWeight, SemiStructuredWeight)):
-            raise TypeError(f"weight: expected a BlockSparseWeight or SemiStructuredWeight, got {type(weight).__name__}")
+            raise TypeError(f"weight: expected a BlockSparseWeight or SemiStructuredWeight, got "
+                            f"{type(weight).__name__}")
         _validate(weight)  # again: the bundle's fields may have been reassigned since it was built
         if bias is not None and (not isinstance(bias, torch.Tensor) or not bias.is_floating_point()
                                  or tuple(bias.shape) != (weight.shape[0],)):

@@ -20,6 +20,7 @@ _WHERE = {
     "GradualPruner": "fastdistill.sparse.gradual",
     "PruneReport": "fastdistill.sparse.prune",
     "prune_": "fastdistill.sparse.prune",
+    "re_arm": "fastdistill.sparse.masks",
     "reapply_masks": "fastdistill.sparse.prune",
     "remove_masks": "fastdistill.sparse.prune",
     "restore_masks": "fastdistill.sparse.prune",

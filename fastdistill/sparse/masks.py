@@ -9,7 +9,8 @@ A pruned layer holds `weight_mask` (bool buffer, in the state dict) and `_fd_pru
 Tensor hooks and module-level Python sets do not survive copy.deepcopy or pickling (torch.save of the whole
 module): the copy has a new weight Parameter without hooks. So the layer also carries a forward pre-hook (a
 module hook, which deepcopy and pickle do keep) that re-arms 1 and 2 on the first forward of a copy, before any
-backward or step can run. Not while torch.compile traces: arm a copy with one eager forward (or re_arm) first.
+backward or step can run. Not while torch.compile traces: arm a copy with re_arm(model) (or one eager forward)
+before compiling it.
 A fresh model takes a pruned state dict through restore_masks (then load_state_dict); a plain strict
 load_state_dict of it refuses the unexpected `weight_mask` keys.
 """
@@ -62,8 +63,15 @@ def _grad_hooks(mod: nn.Module) -> list:
     return [k for k, h in hooks.items() if isinstance(h, _MaskGrad) and h.module() is mod]
 
 
-def re_arm(mod: nn.Module) -> None:
-    """Arms guards 1 and 2 for the layer's current weight (a no-op when armed already)."""
+def re_arm(model: nn.Module) -> None:
+    """Arms guards 1 and 2 of every pruned layer of `model` for its current weight (a no-op where armed).
+    Needed by hand only for a copy compiled before its first eager forward."""
+    check_model(model)
+    for mod in model.modules():
+        _arm(mod)
+
+
+def _arm(mod: nn.Module) -> None:
     global _step_hook
     if "weight_mask" not in mod._buffers:
         return
@@ -76,7 +84,7 @@ def re_arm(mod: nn.Module) -> None:
 
 def _arm_before_forward(mod: nn.Module, _args) -> None:
     if not torch.compiler.is_compiling():
-        re_arm(mod)
+        _arm(mod)
 
 
 def _after_load(mod: nn.Module, _incompatible_keys) -> None:
@@ -84,7 +92,7 @@ def _after_load(mod: nn.Module, _incompatible_keys) -> None:
     if mask is not None:
         with torch.no_grad():
             mod.weight.mul_(mask)
-        re_arm(mod)  # load_state_dict(assign=True) may have brought a new weight Parameter
+        _arm(mod)  # load_state_dict(assign=True) may have brought a new weight Parameter
 
 
 def install_mask(mod: nn.Linear, mask: torch.Tensor, pattern: str, block_size) -> None:
@@ -98,7 +106,7 @@ def install_mask(mod: nn.Linear, mask: torch.Tensor, pattern: str, block_size) -
     mod._fd_prune_pattern = (pattern, block_size)
     with torch.no_grad():
         mod.weight.mul_(mod.weight_mask)
-    re_arm(mod)
+    _arm(mod)
 
 
 def remove_masks(model: nn.Module) -> None:
