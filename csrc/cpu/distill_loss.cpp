@@ -32,15 +32,20 @@ struct RowStats {
   Softmax s, t, z;
 };
 
-FD_CLONES void row_max(const float* z, const float* y, int64_t V, float* mz_out, float* my_out) {
+// Row maxima; true when the row holds NaN or +inf (fd::poisons_row: the row's loss and gradient
+// are NaN). The flag's compares ride along the max loop (no measurable cost).
+FD_CLONES bool row_max(const float* z, const float* y, int64_t V, float* mz_out, float* my_out) {
   float mz = -INFINITY, my = -INFINITY;
-#pragma omp simd reduction(max : mz, my)
+  int poisoned = 0;
+#pragma omp simd reduction(max : mz, my) reduction(| : poisoned)
   for (int64_t k = 0; k < V; ++k) {
     mz = fd::max_f32(mz, z[k]);
     my = fd::max_f32(my, y[k]);
+    poisoned |= (int)fd::poisons_row(z[k]) | (int)fd::poisons_row(y[k]);
   }
   *mz_out = mz;
   *my_out = my;
+  return poisoned != 0;
 }
 
 // Sums run in fp32 SIMD lanes over chunks of kChunk elements, and the chunk sums add up in double:
@@ -203,7 +208,11 @@ void distill_rows(const at::Tensor& student, const at::Tensor& teacher, const in
       const float* y = widen(tp + r * ts, V, yb);
       RowStats st;
       float mz, my;
-      row_max(z, y, V, &mz, &my);
+      if (row_max(z, y, V, &mz, &my)) {  // NaN or +inf in the row: NaN loss and gradient (fd_math.h)
+        lp[r] = NAN;
+        if (grow) std::fill(grow, grow + V, S(NAN));
+        continue;
+      }
       if (soft) {
         st.s = row_softmax(z, V, rp.inv_t, mz, es.data());
         st.t = row_softmax(y, V, rp.inv_t, my, et.data());

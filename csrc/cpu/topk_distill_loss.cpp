@@ -33,10 +33,16 @@ constexpr int64_t kChunk = 64;
 // still has a finite log-probability and a gradient of order p_rest.
 constexpr double kTinyRest = 1e-20;
 
-FD_TOPK_CLONES float row_max(const float* z, int64_t V) {
+// Row max; *poisoned when the row holds NaN or +inf (fd::poisons_row), flagged in the same loop.
+FD_TOPK_CLONES float row_max(const float* z, int64_t V, bool* poisoned) {
   float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < V; ++j) m = fd::max_f32(m, z[j]);
+  int bad = 0;
+#pragma omp simd reduction(max : m) reduction(| : bad)
+  for (int64_t j = 0; j < V; ++j) {
+    m = fd::max_f32(m, z[j]);
+    bad |= (int)fd::poisons_row(z[j]);
+  }
+  *poisoned = bad != 0;
   return m;
 }
 
@@ -204,9 +210,18 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
       teacher.logprobs(r, K, lpv.data());
       const S* srow = sp + r * ss;
       const float* z = full ? widen(srow, V, zb) : nullptr;
-      for (int64_t i = 0; i < K; ++i) sI[i] = (z ? z[id[i]] : static_cast<float>(srow[id[i]])) * it;
-      const float mz = full ? row_max(z, V) : 0.0f;
-      if (full && mz == -INFINITY) {  // all -inf: undefined softmax, as in distill_loss
+      // The NaN rule (fd_math.h) over what the row reads: the k log-probs and student logits at the
+      // ids, and the whole student row when the loss reads it (bucket tail, hard-label term).
+      bool poisoned = false;
+      for (int64_t i = 0; i < K; ++i) {
+        const float zi = z ? z[id[i]] : static_cast<float>(srow[id[i]]);
+        poisoned |= fd::poisons_row(zi) | fd::poisons_row(lpv[i]);
+        sI[i] = zi * it;
+      }
+      bool row_poisoned = false;
+      const float mz = full ? row_max(z, V, &row_poisoned) : 0.0f;
+      // All -inf: undefined softmax, as in distill_loss.
+      if (poisoned || row_poisoned || (full && mz == -INFINITY)) {
         lossp[r] = NAN;
         if (grow) std::fill(grow, grow + V, S(NAN));
         for (int64_t i = 0; i < K; ++i) taken[id[i]] = 0;

@@ -81,6 +81,14 @@ __device__ __forceinline__ Offset offset_of(const SoftmaxAcc& a) {
   return Offset{a.m, a.m == -INFINITY ? 0.0f : (float)log(a.s)};
 }
 
+// A row under the NaN rule: NaN loss and an all-NaN gradient row (g may be null: loss only).
+template <typename S>
+__device__ void poison_row(S* g, int64_t V, float* loss) {
+  if (g != nullptr)
+    for (int64_t k = threadIdx.x; k < V; k += kThreads) g[k] = from_f<S>(NAN);
+  if (threadIdx.x == 0) *loss = NAN;
+}
+
 template <typename S, typename T>
 __global__ void __launch_bounds__(kThreads)
     distill_loss_kernel(const S* __restrict__ student, int64_t ss, const T* __restrict__ teacher, int64_t ts,
@@ -106,15 +114,22 @@ __global__ void __launch_bounds__(kThreads)
   const bool mse = rp.div == fd::MSE;
   const bool ce_own = ce && (rp.ce_needs_own_softmax || mse);
 
-  // Sweep 1: softmax statistics.
+  // Sweep 1: softmax statistics. The NaN rule (fd_math.h): NaN or +inf in the row gives a NaN loss and
+  // gradient row; the flag is checked here, or in sweep 3 for mse (which reads the teacher only there).
   SoftmaxAcc as{-INFINITY, 0.0}, at{-INFINITY, 0.0}, az{-INFINITY, 0.0};
+  int poisoned = 0;
   for (int64_t k = tid; k < V; k += kThreads) {
     const float zk = to_f(z[k]), yk = to_f(y[k]);
     if (!mse) {
       acc_add(as, __fmul_rn(zk, it));
       acc_add(at, __fmul_rn(yk, it));
+      poisoned |= (int)fd::poisons_row(zk) | (int)fd::poisons_row(yk);
     }
     if (ce_own) acc_add(az, zk);
+  }
+  if (!mse && __syncthreads_or(poisoned)) {  // uniform per block
+    poison_row(g, V, loss + row);
+    return;
   }
   if (!mse) {
     as = block_merge(as, sm_acc);
@@ -148,6 +163,7 @@ __global__ void __launch_bounds__(kThreads)
       const float zk = to_f(z[k]), yk = to_f(y[k]);
       float gk;
       if (mse) {
+        poisoned |= (int)fd::poisons_row(zk) | (int)fd::poisons_row(yk);
         const float diff = zk - yk;
         Dk += diff * diff;
         gk = gc * diff;
@@ -163,6 +179,10 @@ __global__ void __launch_bounds__(kThreads)
       }
       if (ce) gk += hc * (expf((zk - oz.max) - oz.log_sum) - (k == label ? 1.0f : 0.0f));
       if (g != nullptr) g[k] = from_f<S>(gk);
+    }
+    if (mse && __syncthreads_or(poisoned)) {  // the barrier also orders the stores above before NaN's
+      poison_row(g, V, loss + row);
+      return;
     }
     if (rp.div == fd::KL || mse) {
       Dk = block_sum(Dk, sm_sum);

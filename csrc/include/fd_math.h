@@ -18,6 +18,13 @@ namespace fd {
 FD_HD float max_f32(float a, float b) { return a > b ? a : b; }
 FD_HD float min_f32(float a, float b) { return a < b ? a : b; }
 
+// The NaN rule of the loss kernels (CPU, CUDA; the Triton kernels and the references do the same):
+// a row holding NaN or +inf (softmax undefined) in an input its loss reads gets a NaN loss and an
+// all-NaN gradient row; -inf is a masked token (probability 0); ignored rows stay exact zeros.
+// One unordered compare tells NaN and +inf apart from finite values and -inf, so the flag rides
+// along the max loops without slowing them.
+FD_HD bool poisons_row(float x) { return !(x < INFINITY); }
+
 #if defined(__CUDA_ARCH__)
 FD_HD float exp_f32(float x) { return expf(x); }
 #else

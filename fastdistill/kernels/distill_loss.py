@@ -13,6 +13,7 @@ import triton.language as tl
 # Compiled (non-interpreted) Triton only lets kernels read globals that are tl.constexpr.
 KL, REVERSE_KL, JSD, TVD, SKEW_KL, SKEW_REVERSE_KL, MSE = (tl.constexpr(code) for code in range(7))
 NEG_INF = tl.constexpr(float("-inf"))
+POS_INF = tl.constexpr(float("inf"))
 # No NaN global: Triton re-checks a kernel's globals at every launch with `!=`, and NaN != NaN
 # ("Global variable NAN has changed" on GPU). Kernels write float("nan") inline instead.
 _MSE_CODE = 6  # for the host-side launcher
@@ -151,6 +152,11 @@ def _distill_loss_kernel(
             m_t, a_t = _online_softmax(m_t, a_t, y * inv_t)
         if CE_OWN:
             m_z, a_z = _online_softmax(m_z, a_z, tl.where(mask, z, NEG_INF))
+    # The NaN rule (as csrc/include/fd_math.h): NaN or +inf anywhere in the row gives a NaN loss and
+    # an all-NaN gradient row; -inf is a masked token. No extra work per element: either makes the
+    # running sum NaN (exp(NaN), or exp(inf - inf) at a +inf max; whether tl.max drops NaN or not).
+    # mse has no softmax: sweep 3 counts them.
+    bad = (a_s != a_s) | (a_t != a_t)
     ls_s = _log_sum(m_s, a_s)
     ls_t = _log_sum(m_t, a_t)
     if CE_OWN:
@@ -185,12 +191,14 @@ def _distill_loss_kernel(
         gc = grad_coef * scale
         hc = hard_weight * scale
         d_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        n_bad = tl.zeros([BLOCK_V], dtype=tl.int32)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             mask = offs < V
             z = tl.load(s_row + offs, mask=mask, other=other).to(tl.float32)
             y = tl.load(t_row + offs, mask=mask, other=other).to(tl.float32)
             if DIV == MSE:
+                n_bad += tl.where((z < POS_INF) & (y < POS_INF), 0, 1)
                 diff = z - y
                 d_acc += diff * diff
                 g = gc * diff
@@ -209,15 +217,26 @@ def _distill_loss_kernel(
                 tl.store(g_row + offs, g.to(G.dtype.element_ty), mask=mask)
         if DIV == MSE:
             D = tl.sum(d_acc, axis=0) * inv_v
+            bad = tl.sum(n_bad, axis=0) > 0
         elif DIV == KL:
             D = tl.sum(d_acc, axis=0)
 
+    if HAS_LABELS:
+        bad = bad & valid  # ignored rows stay zeros whatever they hold
+    if WRITE:
+        # Bad rows only (the loop is empty otherwise): overwrite the gradient row with NaN.
+        for start in range(0, tl.where(bad, V, 0), BLOCK_V):
+            tl.debug_barrier()  # sweep 3's stores to these addresses land first
+            offs = start + cols
+            tl.store(g_row + offs, tl.full([BLOCK_V], float("nan"), tl.float32).to(G.dtype.element_ty),
+                     mask=offs < V)
     loss = soft_coef * D
     if CE:
         # An out-of-range label yields NaN (a kernel cannot raise); the CPU backend raises instead.
         in_range = (label >= 0) & (label < V)
         z_label = tl.load(s_row + label, mask=valid & in_range, other=float("nan")).to(tl.float32)
         loss += hard_weight * ((m_z - z_label) + ls_z)
+    loss = tl.where(bad, float("nan"), loss)
     tl.store(LOSS + row, tl.where(valid, loss * scale, 0.0))
 
 

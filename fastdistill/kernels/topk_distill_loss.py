@@ -17,7 +17,7 @@ undefined (the Python layer's validate=True rejects them).
 import triton
 import triton.language as tl
 
-from fastdistill.kernels.distill_loss import (KL, NEG_INF, _f32, _grad_s, _log_sum, _online_softmax,
+from fastdistill.kernels.distill_loss import (KL, NEG_INF, POS_INF, _f32, _grad_s, _log_sum, _online_softmax,
                                               _row_terms, pick_block_v, pick_num_warps)
 
 TINY_REST = tl.constexpr(1e-20)
@@ -149,14 +149,21 @@ def _topk_distill_loss_kernel(
     a_k = 0.0
     for c0 in range(0, K, BLOCK_K):
         c, is_id, ids, ok, z, lp = _load_categories(c0, cats, K, k_lim, V, s_row, lp_row, id_row)
-        n_bad += tl.sum((is_id & ~ok).to(tl.int32), axis=0)
+        # bad ids, and NaN / +inf log-probs (the bucket's p = exp(lp) would turn +inf into 0 rest mass)
+        n_bad += tl.sum((is_id & (~ok | ~(lp < POS_INF))).to(tl.int32), axis=0)
         if BUCKET:
             p_ids += tl.where(is_id, tl.exp(lp), 0.0).to(tl.float64)
             e_ids += tl.exp(z * inv_t - m_s).to(tl.float64)  # the same fp32 terms as in S64
         else:
             m_t, a_t = _online_softmax(m_t, a_t, lp)
             m_k, a_k = _online_softmax(m_k, a_k, z * inv_t)
-    bad = n_bad > 0
+    # The NaN rule (as csrc/include/fd_math.h) over what the row reads: NaN or +inf in the k log-probs,
+    # the student logits at the ids, or the whole student row when it is read (bucket, hard-label
+    # term) gives a NaN loss and gradient row. Free: each makes a softmax sum NaN (exp(NaN), or
+    # exp(inf - inf) at a +inf max); ignored rows (nothing read, total = exp(-inf + inf)) stay zeros.
+    bad = (n_bad > 0) | (total != total) | (a_z != a_z) | (a_t != a_t) | (a_k != a_k)
+    if HAS_LABELS:
+        bad = bad & valid
 
     # The rest bucket (bucket tail, k < V): p_rest clamped at 0, q_rest = R / S.
     lp_rest = NEG_INF

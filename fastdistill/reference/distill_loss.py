@@ -3,6 +3,10 @@
 Straightforward full-[rows, V] math in float32 (float64 when given float64), gradients by autograd.
 Every log term is masked where its weight is zero so that -inf logits (padded vocabulary) give
 finite values and gradients wherever the math is finite.
+
+The NaN rule, the same on every backend: a row with NaN or +inf in its student or teacher logits
+(softmax undefined) gets a NaN loss and an all-NaN gradient row; -inf is a masked token
+(probability 0); rows whose label is ignore_index are exact zeros whatever they hold.
 """
 from __future__ import annotations
 
@@ -68,6 +72,19 @@ def divergence_ref(student: torch.Tensor, teacher: torch.Tensor, divergence: str
     return divergence_from_logs(log_p, log_q, divergence, beta, skew)
 
 
+def poisoned_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows (last dim) holding NaN or +inf: one NaN-propagating max per row."""
+    return ~(x.amax(-1) < math.inf) if x.shape[-1] else torch.zeros(x.shape[:-1], dtype=torch.bool,
+                                                                    device=x.device)
+
+
+def poison(x: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """x with its `bad` rows multiplied by NaN: their values and their whole gradient become NaN
+    (the masks inside the divergences would otherwise turn NaN into 0)."""
+    one = torch.ones((), dtype=x.dtype, device=x.device)
+    return x * torch.where(bad, torch.full((), math.nan, dtype=x.dtype, device=x.device), one).unsqueeze(-1)
+
+
 def distill_loss_rows_ref(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, *,
                           divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                           soft_weight: float = 1.0, hard_weight: float = 0.0, scale_t2: bool = True,
@@ -81,6 +98,8 @@ def distill_loss_rows_ref(student: torch.Tensor, teacher: torch.Tensor, labels: 
         # Ignored rows may hold anything (e.g. all -inf padding): zero them so nothing leaks into grads.
         z = torch.where(valid.unsqueeze(-1), z, torch.zeros((), dtype=dtype, device=z.device))
         y = torch.where(valid.unsqueeze(-1), y, torch.zeros((), dtype=dtype, device=y.device))
+    bad = poisoned_rows(z) | poisoned_rows(y)
+    z = poison(z, bad)
     coef = soft_weight * (temperature ** 2 if scale_t2 and divergence != "mse" else 1.0)
     rows = coef * divergence_ref(z, y, divergence, temperature, beta, skew)
     if hard_weight != 0.0:
@@ -89,6 +108,7 @@ def distill_loss_rows_ref(student: torch.Tensor, teacher: torch.Tensor, labels: 
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), safe.reshape(-1), reduction="none").view(rows.shape)
         rows = rows + hard_weight * ce
+    rows = torch.where(bad, torch.full((), math.nan, dtype=dtype, device=rows.device), rows)
     if valid is not None:
         rows = torch.where(valid, rows, torch.zeros((), dtype=dtype, device=rows.device))
     return rows

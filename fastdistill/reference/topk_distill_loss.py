@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdistill.reference.distill_loss import divergence_from_logs, reduce_rows
+from fastdistill.reference.distill_loss import divergence_from_logs, poison, poisoned_rows, reduce_rows
 
 TAILS = ("renormalize", "bucket")
 
@@ -54,7 +54,10 @@ def topk_distill_loss_rows_ref(student: torch.Tensor, teacher_topk_logprobs: tor
     """Per-row loss of (..., V) student logits against (..., k) teacher log-probs at ids (..., k).
 
     Rows with an id outside [0, V) get a NaN loss and gradient (as the Triton kernel does);
-    duplicate ids within a row are undefined. Rows whose label is ignore_index are zero."""
+    duplicate ids within a row are undefined. Rows whose label is ignore_index are zero.
+    The NaN rule (see fastdistill.reference.distill_loss) covers what a row reads: NaN or +inf in its
+    top-k log-probs, in the student logits at its ids, or, when the loss reads the whole student row
+    (bucket tail, hard-label term), anywhere in that row, gives a NaN loss and gradient row."""
     if tail not in TAILS:
         raise ValueError(f"tail: unknown {tail!r}; expected one of {TAILS}")
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher_topk_logprobs.dtype) else torch.float32
@@ -70,11 +73,13 @@ def topk_distill_loss_rows_ref(student: torch.Tensor, teacher_topk_logprobs: tor
         lp = torch.where(keep, lp, torch.full((), -math.log(k), dtype=dtype, device=z.device))
         ids = torch.where(keep, ids, torch.arange(k, device=ids.device))
     in_range = (ids >= 0) & (ids < V)
-    bad = ~in_range.all(-1, keepdim=True)
     ids = torch.where(in_range, ids, torch.zeros_like(ids))
-    # NaN loss and gradient on rows with an out-of-range id: never a silently wrong number.
-    z = z * torch.where(bad, torch.full((), math.nan, dtype=dtype, device=z.device),
-                        torch.ones((), dtype=dtype, device=z.device))
+    # NaN loss and gradient on rows with an out-of-range id (never a silently wrong number), or
+    # under the NaN rule.
+    bad = ~in_range.all(-1) | poisoned_rows(lp) | poisoned_rows(z.gather(-1, ids))
+    if tail == "bucket" or hard_weight != 0.0:
+        bad = bad | poisoned_rows(z)
+    z = poison(z, bad)
     log_p, log_q = _category_logs(z, lp, ids, tail, temperature)
     coef = soft_weight * (temperature ** 2 if scale_t2 else 1.0)
     rows = coef * divergence_from_logs(log_p, log_q, divergence, beta, skew)
@@ -84,6 +89,7 @@ def topk_distill_loss_rows_ref(student: torch.Tensor, teacher_topk_logprobs: tor
         safe = torch.where(valid, labels, torch.zeros_like(labels))
         ce = F.cross_entropy(z.reshape(-1, V), safe.reshape(-1), reduction="none").view(rows.shape)
         rows = rows + hard_weight * ce
+    rows = torch.where(bad, torch.full((), math.nan, dtype=dtype, device=rows.device), rows)
     if valid is not None:
         rows = torch.where(valid, rows, torch.zeros((), dtype=dtype, device=rows.device))
     return rows
