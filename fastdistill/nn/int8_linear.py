@@ -213,7 +213,7 @@ class Int8Linear(nn.Module):
         # .float(): a no-op unless model.to(float64/bf16/fp16) converted the scale buffer
         w_scale = self.weight_scale.float()
         if not self.trainable:
-            if self.mode == "w8a16":  # the op's own gradient for x: exact
+            if self.mode == "w8a16" or not (x.requires_grad and torch.is_grad_enabled()):  # w8a16: exact dx
                 return _int8_forward(x, self.weight_int8, w_scale, self.bias, self.mode, self.backend, self.validate)
             return _StraightThrough.apply(x, None, self.bias, self.weight_int8, w_scale, self.mode, self.group_size,
                                           self.backend, self.validate)

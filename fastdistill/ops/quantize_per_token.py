@@ -43,8 +43,10 @@ register_native(("quantize_per_token_cpu", "quantize_per_token_cuda"), _fake)
 
 def quantize_per_token(x: torch.Tensor, *, backend: str = "auto", validate: bool = False):
     """x [..., K] float32/bf16/fp16 -> (int8 [..., K], float32 scale [...]) with scale = max|row| / 127 and
-    q = round_half_even(x * (127 / max|row|)) clamped to ±127. All-zero rows give scale 0 and zeros.
-    Rows with inf/NaN give an inf/NaN scale and unspecified int8 values; validate=True raises instead."""
+    q = round_half_even(x * (127 / max|row|)) clamped to ±127, the same bits on every backend. All-zero rows
+    give scale 0 and zeros; a row with a NaN gets scale NaN, a row with inf (and no NaN) scale inf, both with
+    q = 0, so they stay non-finite downstream (validate=True raises instead). Rows with max|row| < 2^-64
+    (tiny, denormal) are scaled by 2^64 first, exactly, so they quantize like any other row."""
     check_float("x", x)
     if validate:
         check_finite("x", x)
