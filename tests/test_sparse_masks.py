@@ -113,6 +113,16 @@ def test_remove_masks_on_a_copy_drops_its_guards():
     assert_pruned_zero(model, masks)  # the original is unaffected
 
 
+def test_frozen_pruned_copy_runs():
+    model, masks = pruned()
+    model.requires_grad_(False)
+    clone = copy.deepcopy(model)
+    clone(torch.randn(2, 64))  # arming skips the gradient hook of a weight without gradients
+    clone.requires_grad_(True)
+    train(clone)  # the next forward arms it
+    assert_pruned_zero(clone, masks)
+
+
 def test_wanda_refuses_empty_calibration():
     model = mlp()
     before = [lin.weight.detach().clone() for lin in linears(model)]

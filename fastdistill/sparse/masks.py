@@ -75,7 +75,7 @@ def _arm(mod: nn.Module) -> None:
     global _step_hook
     if "weight_mask" not in mod._buffers:
         return
-    if not _grad_hooks(mod):
+    if mod.weight.requires_grad and not _grad_hooks(mod):  # a frozen weight gets no gradient to mask
         mod.weight.register_hook(_MaskGrad(mod))
     _PRUNED.add(mod)
     if _step_hook is None:
