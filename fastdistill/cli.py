@@ -14,10 +14,10 @@ import sys
 PIPELINE_DEPS = {"yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
 
 
-def _error(message) -> int:
-    """One line on stderr (torch and safetensors messages can span lines), exit status 2."""
+def _error(message, status: int = 2) -> int:
+    """One line on stderr (torch and safetensors messages can span lines); returns the exit status."""
     print("fastdistill: " + " ".join(str(message).split()), file=sys.stderr)
-    return 2
+    return status
 
 
 def _missing_pipeline_deps() -> list[str]:
@@ -73,9 +73,8 @@ def _run_pipeline(cfg, args) -> int:
         return _error(e)
     except OSError as e:  # read-only, full or missing output disk; an output_dir that is a file
         return _error(_os_error(e, cfg))
-    except NonFiniteError as e:
-        print("fastdistill: " + " ".join(str(e).split()), file=sys.stderr)
-        return 1
+    except NonFiniteError as e:  # the run diverged: not a usage error
+        return _error(e, status=1)
     if rank == 0:
         if args.json:
             out = {k: v for k, v in summary.items() if k not in ("weight_stats", "histories")}

@@ -76,17 +76,12 @@ def atomic_save_safetensors(path: str, tensors: dict[str, torch.Tensor]) -> None
     """save_file through a temporary file; I/O failures (a full disk) raise OSError and leave no file."""
     # safetensors refuses shared or non-contiguous storage: give it private contiguous copies.
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-
     _write_then_rename(path, lambda tmp: save_safetensors(tensors, tmp))
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def json_sha256(obj) -> str:
     """sha256 of a JSON value in canonical form (sorted keys, no whitespace): equal after a round trip."""
-    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _sha256(path: str) -> str:
