@@ -1,22 +1,22 @@
-"""Compiles the sparse Triton kernels for an H100/H200 (sm_90) without a GPU (the interpreter accepts code
-compiled Triton rejects), in a subprocess because the test session imported triton in interpreter mode.
+"""Compiles the sparse Triton kernels for an A100 (sm_80) and an H100/H200 (sm_90) without a GPU (the interpreter
+accepts code compiled Triton rejects), in a subprocess because the test session imported triton in interpreter mode.
 Checks: no atomics (deterministic), tensor-core MMAs for 16-bit operands, no TF32 for fp32."""
 import pytest
 
 pytest.importorskip("triton")
-from test_triton_compile import _compile  # noqa: E402  (the shared subprocess runner)
+from test_triton_compile import SIGNATURE, _compile  # noqa: E402  (the shared subprocess runner)
 
-SCRIPT = r"""
+SCRIPT = SIGNATURE + r"""
 import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fastdistill.kernels import block_sparse_linear as bsr, semi_structured_linear as s24
 
-def build(fn, types, const):
-    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+def build(fn, types, const, cc):
+    src = ASTSource(fn=fn, signature=signature(fn, types),
+                    constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=4)).asm["ptx"]
 
 results = []
 for dt in ("bf16", "fp32"):
@@ -34,19 +34,20 @@ for dt in ("bf16", "fp32"):
         (s24._semi_structured_kernel, {**p("x_ptr", "v_ptr", "b_ptr", "y_ptr"), "meta_ptr": "*u8", **i32},
          dict(HAS_BIAS=True, BM=16, BN=64, BK=64, PREC=prec, UPCAST=False)),
     ]
-    for fn, types, const in kernels if dt == "bf16" else kernels[:1]:  # fp32: one kernel for the IEEE check
-        ptx = build(fn, types, const)
-        results.append({"kernel": fn.__name__, "dtype": dt, "atomics": "atom." in ptx,
-                        "mma": "mma" in ptx, "tf32": ".tf32" in ptx})
+    for cc in (90, 80):
+        for fn, types, const in kernels if dt == "bf16" else kernels[:1]:  # fp32: one kernel for the IEEE check
+            ptx = build(fn, types, const, cc)
+            results.append({"kernel": fn.__name__, "dtype": dt, "cc": cc, "target": f".target sm_{cc}" in ptx,
+                            "atomics": "atom." in ptx, "mma": "mma" in ptx, "tf32": ".tf32" in ptx})
 print(json.dumps(results))
 """
 
 
-def test_sparse_kernels_compile_for_sm90():
+def test_sparse_kernels_compile_for_sm80_and_sm90():
     results = _compile(SCRIPT)
-    assert len(results) == 5
+    assert len(results) == 10
     for r in results:
-        assert not r["atomics"], r
+        assert r["target"] and not r["atomics"], r
         if r["dtype"] == "bf16":
             assert r["mma"], r  # tensor cores
         else:

@@ -1,6 +1,8 @@
-"""Compiles the Triton kernel for an H100/H200 (sm_90) without a GPU: the interpreter used by the
-CPU tests accepts code that compiled Triton rejects (e.g. non-constexpr globals); this does not.
-Runs in a subprocess because the test session imported triton in interpreter mode."""
+"""Compiles the Triton kernels for an A100 (sm_80) and an H100/H200 (sm_90) without a GPU: the interpreter used
+by the CPU tests accepts code that compiled Triton rejects (e.g. non-constexpr globals); this does not.
+Runs in a subprocess because the test session imported triton in interpreter mode. Every variant compiles
+for sm_90; sm_80 gets the variants A100 users run (the default training call: no labels, gradient written),
+which keeps the runtime small."""
 import json
 import os
 import subprocess
@@ -11,7 +13,24 @@ import pytest
 pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = r"""
+# Shared by the compile scripts: the triton signature of a kernel from its parameters (constexpr ones from
+# the annotation), the given pointer/scalar types, and i64 for strides not listed.
+SIGNATURE = r"""
+def signature(fn, types):
+    sig = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name in types:
+            sig[p.name] = types[p.name]
+        elif "stride" in p.name:
+            sig[p.name] = "i64"
+        else:
+            raise KeyError(f"{fn.__name__}: no type for argument {p.name!r}: add it to the test's types")
+    return sig
+"""
+
+SCRIPT = SIGNATURE + r"""
 import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -22,22 +41,27 @@ types = dict(S="*bf16", s_stride="i64", T="*fp32", t_stride="i64", L="*i64", SCA
              G="*bf16", V="i32", inv_t="fp32", w="fp32", w1m="fp32", log_w="fp32", log_1mw="fp32",
              soft_coef="fp32", grad_coef="fp32", inv_v="fp32", hard_weight="fp32", ignore_index="i64")
 fn = kernels._distill_loss_kernel
+FULL, TRAIN, LOSS_ONLY = (True, True, True, True), (False, False, False, True), (False, False, False, False)
+# (arch, div, (HAS_LABELS, CE, CE_OWN, WRITE)): everything on; the default training call; loss only (eval).
+variants = [(90, div, v) for div in range(7) for v in (FULL, TRAIN)] + [(90, 0, LOSS_ONLY)]
+variants += [(80, div, TRAIN) for div in range(7)] + [(80, 0, FULL)]
 results = []
-for div in range(7):
-    for labels, ce, ce_own, write in [(True, True, True, True), (False, False, False, False)]:
-        const = dict(DIV=div, HAS_LABELS=labels, CE=ce, CE_OWN=ce_own, WRITE=write, BLOCK_V=8192)
-        sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                             options=dict(num_warps=16, enable_fp_fusion=False)).asm["ptx"]
-        results.append({"div": div, "write": write, "loads": "ld.global" in ptx, "atomics": "atom." in ptx})
+for cc, div, (labels, ce, ce_own, write) in variants:
+    const = dict(DIV=div, HAS_LABELS=labels, CE=ce, CE_OWN=ce_own, WRITE=write, BLOCK_V=8192)
+    src = ASTSource(fn=fn, signature=signature(fn, types),
+                    constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                         options=dict(num_warps=16, enable_fp_fusion=False)).asm["ptx"]
+    results.append({"cc": cc, "div": div, "labels": labels, "write": write, "target": f".target sm_{cc}" in ptx,
+                    "loads": "ld.global" in ptx, "stores": ptx.count("st.global"), "atomics": "atom." in ptx})
 print(json.dumps(results))
 """
 
 
 # topk_distill_loss: every divergence with all features on (bucket tail with its rare rest-max
-# branch, labels, own hard-label softmax, gradient), and renormalize with and without the gradient.
-TOPK_SCRIPT = r"""
+# branch, labels, own hard-label softmax, gradient), renormalize with and without the gradient, and the
+# default training call (no labels, gradient written); sm_80: the training call and everything on.
+TOPK_SCRIPT = SIGNATURE + r"""
 import json
 import triton
 from triton.backends.compiler import GPUTarget
@@ -49,17 +73,21 @@ types = dict(S="*bf16", s_stride="i64", LP="*fp16", lp_stride="i64", IDX="*i32",
              log_w="fp32", log_1mw="fp32", soft_coef="fp32", grad_coef="fp32", hard_weight="fp32",
              ignore_index="i64")
 fn = kernels._topk_distill_loss_kernel
-variants = [(div, True, True) for div in range(6)] + [(0, False, True), (2, False, False)]
+# (arch, div, bucket, labels (+ CE, CE_OWN), write)
+variants = [(90, div, True, True, True) for div in range(6)]
+variants += [(90, 0, False, True, True), (90, 2, False, False, False), (90, 0, True, False, True)]
+variants += [(80, 0, True, False, True), (80, 0, True, True, True)]
 results = []
-for div, bucket, full in variants:
-    const = dict(DIV=div, BUCKET=bucket, HAS_LABELS=full, CE=full, CE_OWN=full, WRITE=full, BLOCK_V=8192,
+for cc, div, bucket, labels, write in variants:
+    const = dict(DIV=div, BUCKET=bucket, HAS_LABELS=labels, CE=labels, CE_OWN=labels, WRITE=write, BLOCK_V=8192,
                  BLOCK_K=128, RB=kernels.REST_BLOCK_V)
-    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    src = ASTSource(fn=fn, signature=signature(fn, types),
+                    constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                          options=dict(num_warps=16, enable_fp_fusion=False)).asm["ptx"]
-    results.append({"div": div, "bucket": bucket, "write": full, "loads": "ld.global" in ptx,
-                    "atomics": "atom." in ptx, "fp64": "add.f64" in ptx or "add.rn.f64" in ptx})
+    results.append({"cc": cc, "div": div, "bucket": bucket, "labels": labels, "write": write,
+                    "target": f".target sm_{cc}" in ptx, "loads": "ld.global" in ptx, "atomics": "atom." in ptx,
+                    "fp64": "add.f64" in ptx or "add.rn.f64" in ptx})
 print(json.dumps(results))
 """
 
@@ -74,17 +102,22 @@ def _compile(script):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_kernel_compiles_for_sm90():
+def test_kernel_compiles_for_sm80_and_sm90():
     results = _compile(SCRIPT)
-    assert len(results) == 14
-    assert all(r["loads"] and not r["atomics"] for r in results), results
+    assert len(results) == 23
+    assert all(r["target"] and r["loads"] and not r["atomics"] for r in results), results
+    train = [r for r in results if not r["labels"] and r["write"]]
+    assert {r["cc"] for r in train} == {80, 90} and len(train) == 14, train  # the default training call, every div
+    loss_only = next(r for r in results if not r["write"])
+    assert all(r["stores"] > loss_only["stores"] for r in train), results  # it also writes the gradient
 
 
-def test_topk_kernel_compiles_for_sm90():
+def test_topk_kernel_compiles_for_sm80_and_sm90():
     results = _compile(TOPK_SCRIPT)
-    assert len(results) == 8
-    assert all(r["loads"] and not r["atomics"] for r in results), results
+    assert len(results) == 11
+    assert all(r["target"] and r["loads"] and not r["atomics"] for r in results), results
     assert all(r["fp64"] for r in results if r["bucket"]), results  # the rest mass is summed in fp64
+    assert {r["cc"] for r in results if not r["labels"] and r["write"]} == {80, 90}, results
 
 
 def test_kernel_globals_survive_tritons_launch_check():

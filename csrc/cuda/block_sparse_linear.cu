@@ -10,6 +10,9 @@
 // Every sum runs in a fixed order (no atomics, no split-K): bitwise deterministic. Torch-free.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdlib>
+
 #include "fd_cuda_mma.h"
 #include "fd_cuda_sparse.h"
 
@@ -20,8 +23,10 @@ using mma::cp_async16;
 using mma::ldmatrix_x4;
 using mma::ldmatrix_x4_trans;
 
-constexpr int kStages = 4;  // cp.async pipeline depth
-constexpr int kPad = 8;     // 16 bytes of padding per shared-memory row: ldmatrix without bank conflicts
+// cp.async pipeline depth: 4, or 3 where 4 stages of a 64-wide tile do not fit the GPU's shared memory
+// (sm_86/sm_89/sm_120 allow 99 KB per CTA: 128 x 64 x 64 bf16 needs 108 KB with 4 stages, 81 KB with 3).
+constexpr int kStages = 4;
+constexpr int kPad = 8;  // 16 bytes of padding per shared-memory row: ldmatrix without bank conflicts
 
 // Warps over a BM x BNO output tile: 4 warps for BM = 128 (2 CTAs per SM fit in shared memory), 8 for
 // BM = 256 (BNO = 64 only: half the weight-block reloads per FLOP, one CTA per SM); warp tiles are
@@ -43,7 +48,7 @@ __device__ __forceinline__ int log2_small(int v) { return v == 16 ? 1 : v == 32 
 
 // out[m, blk*BNO + n] = bias + sum over the stored blocks q in [ptr[blk], ptr[blk+1]) of
 //   a[m, idx[q]*KB + k] * B_q[k][n], where B_q[k][n] = block[n][k] (fwd) or block[k][n] (dx).
-template <typename T, int BNO, int BM, bool DX>
+template <typename T, int BNO, int BM, bool DX, int STAGES>
 __global__ void __launch_bounds__(BM)
     bsr_mma_kernel(const T* __restrict__ a, int64_t lda, const T* __restrict__ values,
                    const int32_t* __restrict__ ptr, const int32_t* __restrict__ idx, const int32_t* __restrict__ perm,
@@ -89,16 +94,16 @@ __global__ void __launch_bounds__(BM)
       for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
 
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nblk) load_stage(s, s);
     mma::cp_async_commit();
   }
   for (int j = 0; j < nblk; ++j) {
-    mma::cp_async_wait<kStages - 2>();
+    mma::cp_async_wait<STAGES - 2>();
     __syncthreads();  // stage j landed for every thread; stage j - 1 is free for the prefetch
-    if (j + kStages - 1 < nblk) load_stage(j + kStages - 1, (j + kStages - 1) % kStages);
+    if (j + STAGES - 1 < nblk) load_stage(j + STAGES - 1, (j + STAGES - 1) % STAGES);
     mma::cp_async_commit();
-    const T* As = smem + (j % kStages) * selems;
+    const T* As = smem + (j % STAGES) * selems;
     const T* Bs = As + BM * as;
     for (int kk = 0; kk < KB; kk += 16) {
       uint32_t af[W::MT][4], bf[W::NT][2];
@@ -197,12 +202,28 @@ __global__ void __launch_bounds__(256)
 
 constexpr int64_t kMaxGridY = 65535;
 
-template <typename T, int BNO, int BM, bool DX>
+// Largest dynamic shared memory per CTA on the current GPU (opt-in limit; FASTDISTILL_BSR_MAX_SMEM lowers it,
+// so that a GPU with more memory runs the kernels an sm_86/sm_89 GPU would get).
+int max_smem_per_block() {
+  int dev = 0, bytes = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    return 0;
+  if (const char* cap = std::getenv("FASTDISTILL_BSR_MAX_SMEM")) bytes = std::min(bytes, std::atoi(cap));
+  return bytes;
+}
+
+template <typename T, int BNO, int BM, bool DX, int STAGES>
+int smem_bytes(int KB) {
+  return STAGES * stage_elems(BNO, KB, DX, BM) * (int)sizeof(T);
+}
+
+template <typename T, int BNO, int BM, bool DX, int STAGES>
 int launch_mma(const void* a, int64_t lda, const void* values, const int32_t* ptr, const int32_t* idx,
                const int32_t* perm, const void* bias, void* out, int64_t ldo, int64_t M, int64_t nout, int KB,
                cudaStream_t stream) {
-  const auto kernel = bsr_mma_kernel<T, BNO, BM, DX>;
-  const int smem = kStages * stage_elems(BNO, KB, DX, BM) * (int)sizeof(T);
+  const auto kernel = bsr_mma_kernel<T, BNO, BM, DX, STAGES>;
+  const int smem = smem_bytes<T, BNO, BM, DX, STAGES>(KB);
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return (int)err;
   if ((M + BM - 1) / BM > kMaxGridY) return (int)cudaErrorInvalidConfiguration;
@@ -210,6 +231,20 @@ int launch_mma(const void* a, int64_t lda, const void* values, const int32_t* pt
   kernel<<<grid, BM, smem, stream>>>(static_cast<const T*>(a), lda, static_cast<const T*>(values), ptr, idx, perm,
                                       static_cast<const T*>(bias), static_cast<T*>(out), ldo, M, KB);
   return (int)cudaGetLastError();
+}
+
+// 64-wide blocks: the 256-row tile when asked for and it fits, else 128 rows with 4 stages, else 3.
+template <typename T, bool DX>
+int launch_wide(const void* a, int64_t lda, const void* values, const int32_t* ptr, const int32_t* idx,
+                const int32_t* perm, const void* bias, void* out, int64_t ldo, int64_t M, int64_t nout, int KB,
+                int tile_m, cudaStream_t stream) {
+  const int limit = max_smem_per_block();
+#define FD_BSR_LAUNCH(BM, S) \
+  launch_mma<T, 64, BM, DX, S>(a, lda, values, ptr, idx, perm, bias, out, ldo, M, nout, KB, stream)
+  if (tile_m == 256 && smem_bytes<T, 64, 256, DX, kStages>(KB) <= limit) return FD_BSR_LAUNCH(256, kStages);
+  if (smem_bytes<T, 64, 128, DX, kStages>(KB) <= limit) return FD_BSR_LAUNCH(128, kStages);
+  return FD_BSR_LAUNCH(128, kStages - 1);
+#undef FD_BSR_LAUNCH
 }
 
 template <bool DX>
@@ -226,18 +261,20 @@ int launch_tiles(const void* a, int64_t lda, const void* values, const int32_t* 
                                                  static_cast<float*>(out), ldo, M, BNO, KB);
     return (int)cudaGetLastError();
   }
-  const bool wide = tile_m == 256 && BNO == 64;
-#define FD_BSR_LAUNCH(T, B, BM) \
-  launch_mma<T, B, BM, DX>(a, lda, values, ptr, idx, perm, bias, out, ldo, M, nout, KB, stream)
+  // 16- and 32-wide tiles need at most 90 KB with 4 stages: they fit every sm_80+ GPU.
+#define FD_BSR_LAUNCH(T, B) \
+  launch_mma<T, B, 128, DX, kStages>(a, lda, values, ptr, idx, perm, bias, out, ldo, M, nout, KB, stream)
+#define FD_BSR_WIDE(T) launch_wide<T, DX>(a, lda, values, ptr, idx, perm, bias, out, ldo, M, nout, KB, tile_m, stream)
   if (dtype == cuda_launch::BF16) {
-    if (BNO == 16) return FD_BSR_LAUNCH(__nv_bfloat16, 16, 128);
-    if (BNO == 32) return FD_BSR_LAUNCH(__nv_bfloat16, 32, 128);
-    return wide ? FD_BSR_LAUNCH(__nv_bfloat16, 64, 256) : FD_BSR_LAUNCH(__nv_bfloat16, 64, 128);
+    if (BNO == 16) return FD_BSR_LAUNCH(__nv_bfloat16, 16);
+    if (BNO == 32) return FD_BSR_LAUNCH(__nv_bfloat16, 32);
+    return FD_BSR_WIDE(__nv_bfloat16);
   }
-  if (BNO == 16) return FD_BSR_LAUNCH(__half, 16, 128);
-  if (BNO == 32) return FD_BSR_LAUNCH(__half, 32, 128);
-  return wide ? FD_BSR_LAUNCH(__half, 64, 256) : FD_BSR_LAUNCH(__half, 64, 128);
+  if (BNO == 16) return FD_BSR_LAUNCH(__half, 16);
+  if (BNO == 32) return FD_BSR_LAUNCH(__half, 32);
+  return FD_BSR_WIDE(__half);
 #undef FD_BSR_LAUNCH
+#undef FD_BSR_WIDE
 }
 
 }  // namespace
