@@ -11,7 +11,8 @@ import os
 import sys
 
 # The pipeline's own dependencies: the `pipeline` extra (import name -> distribution name).
-PIPELINE_DEPS = {"yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
+PIPELINE_DEPS = {"numpy": "numpy", "yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib",
+                 "sklearn": "scikit-learn"}
 
 
 def _error(message, status: int = 2) -> int:

@@ -13,8 +13,6 @@ import platform
 import random
 import subprocess
 
-
-import numpy as np
 import torch
 
 
@@ -25,6 +23,8 @@ def derive_seed(seed: int, *parts) -> int:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np  # the `pipeline` extra: `import fastdistill.pipeline` works without it
+
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
@@ -76,6 +76,8 @@ def git_commit() -> str | None:
 
 
 def environment(device: torch.device, world_size: int) -> dict:
+    import numpy as np
+
     import fastdistill
 
     return {
