@@ -49,6 +49,15 @@ def test_untouched_run_resumes_to_the_same_hash(run_dir):
     assert _resume(out)["final_weights_sha256"] == summary["final_weights_sha256"]
 
 
+def test_deleted_checkpoint_json_is_the_crash_window_and_redone(run_dir):
+    """Without its JSON (the commit point) a checkpoint was never committed, as after a kill between the two
+    renames: the stage resumes from the previous checkpoint and, epochs being pure, reaches the same hash."""
+    summary, out = run_dir
+    os.remove(out / "checkpoints" / "teacher.final.json")
+    assert _resume(out)["final_weights_sha256"] == summary["final_weights_sha256"]
+    assert (out / "checkpoints" / "teacher.final.json").exists()
+
+
 def test_flipped_epoch_digit_is_refused(run_dir):
     _, out = run_dir
     path = out / "checkpoints" / "teacher.final.json"
