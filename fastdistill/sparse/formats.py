@@ -32,7 +32,7 @@ class _Bundle:
     def to(self, device=None, dtype=None):
         moved = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else None)
                  for name, t in _tensor_fields(self).items()}
-        return replace(self, **moved, trusted=True)  # moved copies of checked tensors
+        return replace(self, **moved)  # checked again: the fields may have been reassigned since
 
     @property
     def nbytes(self) -> int:
