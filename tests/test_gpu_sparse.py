@@ -155,3 +155,22 @@ def test_semi_structured_opcheck_and_compile(seed):
     torch.library.opcheck(ssl_mod._op("cuda"), (x, W.values, W.meta, b))
     compiled = torch.compile(lambda t: semi(t, W, b), fullgraph=True)
     assert torch.equal(compiled(x), semi(x, W, b))
+
+
+def test_index_checks_on_cuda_tensors():
+    """The range checks run on the weight's device (once, may sync): a crafted CUDA index is refused too."""
+    from fastdistill.sparse import SparseLinear
+
+    W = make_bsr(64, 64, (32, 32), 0.5, torch.float16, 0, device=DEV)
+    col = W.col_indices.clone()
+    col[0] = 1 << 28
+    with pytest.raises(ValueError, match="^col_indices: "):
+        dataclasses.replace(W, col_indices=col)
+    layer = SparseLinear(W).to(DEV)
+    with pytest.raises(ValueError, match="^col_indices: "):
+        layer.load_state_dict({**layer.state_dict(), "col_indices": col.cpu()})
+    S = make_24(16, 32, torch.float16, 0, device=DEV)
+    meta = S.meta.clone()
+    meta[0, 0] = 5  # group 0: i0 == i1 == 1
+    with pytest.raises(ValueError, match="^meta: "):
+        dataclasses.replace(S, meta=meta)

@@ -4,6 +4,8 @@ Each program computes a [BM, BN] tile of y. Per K step it rebuilds the dense [BN
 registers from the compressed values + meta: dense column k of row n loads values[n, 2g + (k%4 == i1)]
 only where k%4 is one of the group's two kept positions (other lanes are masked, so only the stored
 values and the meta bytes are read: half the weight bytes), then one tl.dot with fp32 accumulation.
+The tiles are the same interpreted or not; only _upcast differs (see kernels/block_sparse_linear.py and
+tests/test_sparse_triton_gpu_config.py, which runs the GPU's choice in the interpreter).
 """
 from __future__ import annotations
 
