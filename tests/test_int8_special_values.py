@@ -99,8 +99,8 @@ def test_tiny_rows_are_scale_invariant():
     """At the 2^-64 switch the scaled and unscaled formulas give the same bits (scaling by 2^64 is exact),
     so the switch point is invisible: a row and the same row times 2^-40 quantize identically."""
     g = torch.Generator().manual_seed(5)
-    for _ in range(20):
-        x = torch.randn(3, 40, generator=g) * 2.0**-40  # around the 2^-64 boundary after the next scaling
+    for _ in range(5):
+        x = torch.randn(8, 40, generator=g) * 2.0**-40  # around the 2^-64 boundary after the next scaling
         for backend in ALL:
             q_small, _ = quantize_per_token(x * 2.0**-30, backend=backend)  # < 2^-64: scaled path
             q_large, _ = quantize_per_token(x * 2.0**30, backend=backend)  # plain path
