@@ -81,10 +81,11 @@ TORCH_LIBRARY(fastdistill, m) {
   }
   // ---- int8 (issue 5). All tensors contiguous; every backend gives the SAME BITS for the first two ops. ----
   // quantize_per_token: x [M, K] float32/bfloat16/float16 -> (q [M, K] int8, scale [M] float32), symmetric.
-  //   Per row, in float32 (x converted to float32 exactly): a = max_k |x[m, k]| (a NaN-free finite row);
-  //   scale[m] = a / 127.0f and inv = 127.0f / a (two IEEE round-to-nearest divisions, both 0 when a == 0);
-  //   q[m, k] = (int8) rint_half_even(clamp(x[m, k] * inv, -127.0f, 127.0f)) (one fp32 multiply, NO x / scale).
-  //   All-zero rows (and K == 0) give scale 0 and q 0. Rows with inf/NaN: scale inf/NaN, q unspecified.
+  //   Per row, in float32 (x converted to float32 exactly): a = max_k |x[m, k]|, NaN if the row has a NaN.
+  //   scale[m] = a / 127.0f (IEEE round-to-nearest); NaN rows: scale = the quiet NaN 0x7fc00000, inf rows: inf.
+  //   Rows with a == 0 (and K == 0), a == inf or a NaN: q = 0. Else p = (a < 2^-64 ? 2^64 : 1) (127 / a overflows
+  //   below ~3.7e-37; scaling by 2^64 is exact), inv = 127.0f / (a * p),
+  //   q[m, k] = (int8) rint_half_even(clamp((x[m, k] * p) * inv, -127.0f, 127.0f)) (fp32 multiplies, NO x / scale).
   // int8_linear_epilogue: acc [M, N] int32 (torch._int_mm of q_x [M, K] and w_int8^T), x_scale [M] float32,
   //   w_scale [N] float32, bias [N] in any float dtype or None -> out [M, N] in out_dtype (f32/bf16/f16), one pass:
   //   t = ((float)acc[m, n] * x_scale[m]) * w_scale[n]; then, with bias only, t = t + (float)bias[n];
