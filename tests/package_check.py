@@ -49,8 +49,12 @@ def sdist_missing_sources(sdist: str) -> list[str]:
 
 
 def run(cmd, **kw):
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.run(cmd, check=True, **kw)
+    print("+", " ".join(cmd)[:300], flush=True)
+    res = subprocess.run(cmd, **kw)
+    if res.returncode != 0:
+        sys.exit(f"package check: failed (exit {res.returncode}): {' '.join(cmd)[:300]}\n"
+                 f"{(res.stdout or '')[-3000:]}\n{(res.stderr or '')[-3000:]}")
+    return res
 
 
 def main() -> int:
