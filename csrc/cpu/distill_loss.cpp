@@ -26,26 +26,30 @@ using fd::RowParams;
 struct Softmax {
   float max = 0.0f, log_sum = 0.0f, inv_sum = 0.0f;
   const float* e = nullptr;
+  bool poisoned = false;  // the row holds NaN or +inf (the NaN rule, fd_math.h)
 };
 
 struct RowStats {
   Softmax s, t, z;
 };
 
-// Row maxima; true when the row holds NaN or +inf (fd::poisons_row: the row's loss and gradient
-// are NaN). The flag's compares ride along the max loop (no measurable cost).
-FD_CLONES bool row_max(const float* z, const float* y, int64_t V, float* mz_out, float* my_out) {
+FD_CLONES void row_max(const float* z, const float* y, int64_t V, float* mz_out, float* my_out) {
   float mz = -INFINITY, my = -INFINITY;
-  int poisoned = 0;
-#pragma omp simd reduction(max : mz, my) reduction(| : poisoned)
+#pragma omp simd reduction(max : mz, my)
   for (int64_t k = 0; k < V; ++k) {
     mz = fd::max_f32(mz, z[k]);
     my = fd::max_f32(my, y[k]);
-    poisoned |= (int)fd::poisons_row(z[k]) | (int)fd::poisons_row(y[k]);
   }
   *mz_out = mz;
   *my_out = my;
-  return poisoned != 0;
+}
+
+// The NaN rule's scalar scan, only where a row's result is already non-finite (rare path).
+bool row_poisoned(const float* x, int64_t V) {
+  for (int64_t k = 0; k < V; ++k) {
+    if (fd::poisons_row(x[k])) return true;
+  }
+  return false;
 }
 
 // Sums run in fp32 SIMD lanes over chunks of kChunk elements, and the chunk sums add up in double:
@@ -75,9 +79,13 @@ Softmax row_softmax(const float* x, int64_t V, float a, float row_max, float* e)
   if (o.max == -INFINITY) {  // all -inf: undefined softmax (only reached for rows that count)
     std::fill(e, e + V, NAN);
     o.log_sum = o.inv_sum = NAN;
+    o.poisoned = row_poisoned(x, V);  // -inf and NaN: the plain-compare max may skip a NaN
     return o;
   }
   const float sum = row_exp_sum(x, V, a, o.max, e);
+  // The NaN rule for free: the sum is NaN exactly when the row holds NaN (exp(NaN) = NaN, whatever the
+  // max) or +inf (the max is +inf, and exp(inf - inf) = NaN).
+  o.poisoned = sum != sum;
   o.log_sum = logf(sum);
   o.inv_sum = 1.0f / sum;
   return o;
@@ -195,7 +203,12 @@ void distill_rows(const at::Tensor& student, const at::Tensor& teacher, const in
     std::vector<float> zb(std::is_same_v<S, float> ? 0 : V), yb(std::is_same_v<Tt, float> ? 0 : V);
     std::vector<float> gb(gp != nullptr && !std::is_same_v<S, float> ? V : 0);
     const bool soft = rp.div != fd::MSE;  // mse compares raw logits: no softmax
+    const bool stats = soft || ce;  // needs row maxima (mse without the hard-label term does not)
     std::vector<float> es(soft ? V : 0), et(soft ? V : 0), ez(ce ? V : 0);  // exp(x * a - max) per softmax
+    auto poison_row = [&](int64_t r, S* grow) {  // the NaN rule: NaN loss and gradient row
+      lp[r] = NAN;
+      if (grow) std::fill(grow, grow + V, S(NAN));
+    };
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels ? labels[r] : 0;
       S* grow = gp ? gp + r * V : nullptr;
@@ -207,20 +220,25 @@ void distill_rows(const at::Tensor& student, const at::Tensor& teacher, const in
       const float* z = widen(sp + r * ss, V, zb);
       const float* y = widen(tp + r * ts, V, yb);
       RowStats st;
-      float mz, my;
-      if (row_max(z, y, V, &mz, &my)) {  // NaN or +inf in the row: NaN loss and gradient (fd_math.h)
-        lp[r] = NAN;
-        if (grow) std::fill(grow, grow + V, S(NAN));
-        continue;
-      }
+      float mz = 0.0f, my = 0.0f;
+      if (stats) row_max(z, y, V, &mz, &my);
       if (soft) {
         st.s = row_softmax(z, V, rp.inv_t, mz, es.data());
         st.t = row_softmax(y, V, rp.inv_t, my, et.data());
       }
       if (ce) st.z = rp.ce_needs_own_softmax || rp.div == fd::MSE ? row_softmax(z, V, 1.0f, mz, ez.data()) : st.s;
+      if (st.s.poisoned || st.t.poisoned || st.z.poisoned) {  // NaN or +inf: NaN loss and gradient
+        poison_row(r, grow);
+        continue;
+      }
       float* g = nullptr;
       if (grow) g = std::is_same_v<S, float> ? reinterpret_cast<float*>(grow) : gb.data();
       float D = row_divergence(rp, z, y, V, st, scale, g, ce);
+      // mse (no softmax of the teacher): a poisoned row has a NaN or infinite D (also from -inf: scan)
+      if (!soft && !(D < INFINITY) && (row_poisoned(z, V) || row_poisoned(y, V))) {
+        poison_row(r, grow);
+        continue;
+      }
       float row = rp.soft_coef * D;
       if (ce) {
         row += rp.hard_weight * ((st.z.max - z[label]) + st.z.log_sum);

@@ -33,16 +33,10 @@ constexpr int64_t kChunk = 64;
 // still has a finite log-probability and a gradient of order p_rest.
 constexpr double kTinyRest = 1e-20;
 
-// Row max; *poisoned when the row holds NaN or +inf (fd::poisons_row), flagged in the same loop.
-FD_TOPK_CLONES float row_max(const float* z, int64_t V, bool* poisoned) {
+FD_TOPK_CLONES float row_max(const float* z, int64_t V) {
   float m = -INFINITY;
-  int bad = 0;
-#pragma omp simd reduction(max : m) reduction(| : bad)
-  for (int64_t j = 0; j < V; ++j) {
-    m = fd::max_f32(m, z[j]);
-    bad |= (int)fd::poisons_row(z[j]);
-  }
-  *poisoned = bad != 0;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < V; ++j) m = fd::max_f32(m, z[j]);
   return m;
 }
 
@@ -192,6 +186,11 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
     std::vector<int64_t> id(K);
     std::vector<float> lpv(K), sI(K);
     Categories cat(K + 1);
+    auto poison_row = [&](int64_t r, S* grow) {  // NaN loss and gradient row; the ids are unmarked
+      lossp[r] = NAN;
+      if (grow) std::fill(grow, grow + V, S(NAN));
+      for (int64_t i = 0; i < K; ++i) taken[id[i]] = 0;
+    };
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels ? labels[r] : 0;
       S* grow = gp ? gp + r * V : nullptr;
@@ -211,20 +210,18 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
       const S* srow = sp + r * ss;
       const float* z = full ? widen(srow, V, zb) : nullptr;
       // The NaN rule (fd_math.h) over what the row reads: the k log-probs and student logits at the
-      // ids, and the whole student row when the loss reads it (bucket tail, hard-label term).
+      // ids here; the whole student row, when the loss reads it (bucket tail, hard-label term), through
+      // its sums of exp below (NaN exactly when the row holds NaN or +inf, as in distill_loss.cpp).
       bool poisoned = false;
       for (int64_t i = 0; i < K; ++i) {
         const float zi = z ? z[id[i]] : static_cast<float>(srow[id[i]]);
         poisoned |= fd::poisons_row(zi) | fd::poisons_row(lpv[i]);
         sI[i] = zi * it;
       }
-      bool row_poisoned = false;
-      const float mz = full ? row_max(z, V, &row_poisoned) : 0.0f;
-      // All -inf: undefined softmax, as in distill_loss.
-      if (poisoned || row_poisoned || (full && mz == -INFINITY)) {
-        lossp[r] = NAN;
-        if (grow) std::fill(grow, grow + V, S(NAN));
-        for (int64_t i = 0; i < K; ++i) taken[id[i]] = 0;
+      const float mz = full ? row_max(z, V) : 0.0f;
+      // All -inf (or -inf and NaN, which the plain-compare max may skip): undefined softmax.
+      if (poisoned || (full && mz == -INFINITY)) {
+        poison_row(r, grow);
         continue;
       }
 
@@ -236,6 +233,10 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
         // Categories: p_i = exp(lp_i), q_i from the full softmax of z / T; rest p = max(0, 1 - sum p_i).
         sm.max = mz * it;
         const double total = exp_chunks(z, V, it, sm.max, e.data(), cs.data());
+        if (total != total) {  // NaN or +inf in the student row
+          poison_row(r, grow);
+          continue;
+        }
         sm.log_sum = logf((float)total);
         sm.inv_sum = (float)(1.0 / total);
         sm.e = e.data();
@@ -302,6 +303,10 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
       if (ce) {
         if (own_z) {
           const double total = exp_chunks(z, V, 1.0f, mz, ez.data(), cs.data());
+          if (total != total) {  // NaN or +inf in the student row
+            poison_row(r, grow);
+            continue;
+          }
           smz = {mz, logf((float)total), (float)(1.0 / total), ez.data()};
         } else {
           smz = sm;  // bucket tail at T = 1: the same softmax

@@ -259,7 +259,9 @@ def distill_loss_triton_launch(student, teacher, labels, scale, loss, grad, *, d
                                w: float, log_w: float, log_1mw: float, soft_coef: float, grad_coef: float,
                                hard_weight: float, ignore_index: int, interpret: bool) -> None:
     """student/teacher (N, V) with unit vocab stride; labels (N,) int64 or None; loss (N,) fp32;
-    grad (N, V) contiguous in the student dtype, or None for loss only."""
+    grad (N, V) contiguous in the student dtype, or None for loss only.
+    interpret: the interpreter's configuration (BLOCK_V capped at 1024, its only difference); False is
+    the GPU configuration, also under TRITON_INTERPRET (tests/test_triton_gpu_config.py runs it)."""
     N, V = student.shape
     if N == 0:
         return

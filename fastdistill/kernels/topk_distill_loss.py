@@ -270,7 +270,9 @@ def topk_distill_loss_triton_launch(student, logprobs, indices, labels, scale, l
                                     soft_coef: float, grad_coef: float, hard_weight: float, ignore_index: int,
                                     interpret: bool) -> None:
     """student (N, V), logprobs / indices (N, k) with unit last stride; labels (N,) int64 or None;
-    loss (N,) fp32; grad (N, V) contiguous in the student dtype, or None for loss only."""
+    loss (N,) fp32; grad (N, V) contiguous in the student dtype, or None for loss only.
+    interpret: the interpreter's configuration (BLOCK_V capped at 1024, its only difference); False is
+    the GPU configuration, also under TRITON_INTERPRET (tests/test_triton_gpu_config.py runs it)."""
     N, V = student.shape
     K = indices.shape[1]
     if N == 0:
