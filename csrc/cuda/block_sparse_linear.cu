@@ -2,10 +2,10 @@
 // block_sparse_linear_dw.cu). Only the stored blocks are read and multiplied.
 //   fwd / dx: one CTA per (M tile of 128 rows, or 256 with tile_m = 256 and 64-wide blocks; output block
 //     row / block column); it loops over that row's (column's, through the CSC view) stored blocks: the
-//     activation tile [tile, kb] and the weight block
-//     go to shared memory through a 4-stage cp.async pipeline, then mma.m16n8k16 (bf16/fp16) with float32
-//     accumulators; bias and the single rounding in the epilogue. The grid's fast dimension is the block
-//     row, so the CTAs in flight share one M tile of the activations in L2.
+//     activation tile [tile, kb] and the weight block go to shared memory through a 4-stage cp.async
+//     pipeline (3 stages where the GPU's shared memory is short: launch_wide), then mma.m16n8k16
+//     (bf16/fp16) with float32 accumulators; bias and the single rounding in the epilogue. The grid's fast
+//     dimension is the block row, so the CTAs in flight share one M tile of the activations in L2.
 //   float32: the same loops with a shared-memory tiled FMA kernel (no TF32: exact fp32 products).
 // Every sum runs in a fixed order (no atomics, no split-K): bitwise deterministic. Torch-free.
 #include <cuda_runtime.h>

@@ -1,5 +1,6 @@
 // Device helpers of the tensor-core kernels (.cu files only): element conversions, cp.async,
-// ldmatrix and the m16n8k16 MMA with float32 accumulators (sm_80+; built for sm_90).
+// ldmatrix and the m16n8k16 MMA with float32 accumulators: sm_80 features, so every arch of setup.py's
+// TORCH_CUDA_ARCH_LIST (8.0 and newer) has them; no __CUDA_ARCH__ guards are needed.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4; each register holds two 16-bit
 // elements, the lower column / k index in the low half):
