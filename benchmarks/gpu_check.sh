@@ -36,7 +36,7 @@ step build 240 $PY setup.py build_ext --inplace || { cat "$summary"; exit 1; }
 # rc=1 here means libstdc++ is linked statically into _C (a JIT build on the image did that, and a C++
 # error message that formats a number then crashed the process).
 step ldd_C 10 bash -c 'ldd fastdistill/_C*.so | grep -E "libstdc|not found"'
-step test_gpu 240 $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_int8.py tests/test_gpu_sparse.py \
+step test_gpu 240 $PY -m pytest -q -m gpu tests/test_gpu.py tests/test_gpu_int8.py tests/test_gpu_sparse.py tests/test_gpu_bsr_smem.py \
   -p no:cacheprovider
 step test_parity 90 $PY -m pytest -q tests/test_distill_loss.py tests/test_distill_loss_api.py \
   tests/test_fused_linear_distill_loss.py tests/test_topk_distill_loss.py tests/test_block_sparse_linear.py \
