@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 EXT := $(VENV)/.ext-built
 
-.PHONY: demo test bench build check-package clean
+.PHONY: demo test test-all bench build check-package clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ build: $(EXT)
 demo: $(EXT)
 	$(PY) -m fastdistill demo
 
+# The default run skips tests marked slow (CI stays under 25 minutes); test-all runs them too.
 test: $(EXT)
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: $(EXT)
 	$(PY) -m pytest -q tests
 
 # sdist -> wheel built from the sdist -> fresh venv -> smoke test (tests/package_check.py; CI runs it).

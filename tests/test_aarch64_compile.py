@@ -21,8 +21,8 @@ import setup_py
 ROOT = setup_py.ROOT
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + [os.path.join(ROOT, "csrc", "ops.cpp")]
 CXX = shutil.which("aarch64-linux-gnu-g++")
+# ~15 s of CPU per file (the files compile in parallel); not marked slow: it is the aarch64 CI check.
 pytestmark = [
-    pytest.mark.slow,  # ~15 s of CPU per file; the files compile in parallel
     pytest.mark.skipif(CXX is None, reason="aarch64-linux-gnu-g++ not found (apt-get install g++-aarch64-linux-gnu)"),
 ]
 
