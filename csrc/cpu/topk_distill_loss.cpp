@@ -148,7 +148,7 @@ struct Config {
   fd::RowParams rp;
   bool bucket;
   int64_t V, K, ignore_index;
-  float scale;
+  float scale;  // of every row's loss and gradient
 };
 
 struct Softmax {  // of one row: log p_j = (x_j * a - max) - log_sum, p_j = e_j * inv_sum
@@ -186,10 +186,10 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
     std::vector<int64_t> id(K);
     std::vector<float> lpv(K), sI(K);
     Categories cat(K + 1);
-    auto poison_row = [&](int64_t r, S* grow) {  // NaN loss and gradient row; the ids are unmarked
+    auto poison_row = [&](int64_t r, S* grow, bool marked) {  // NaN loss and gradient row
       lossp[r] = NAN;
       if (grow) std::fill(grow, grow + V, S(NAN));
-      for (int64_t i = 0; i < K; ++i) taken[id[i]] = 0;
+      for (int64_t i = 0; marked && i < K; ++i) taken[id[i]] = 0;
     };
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = labels ? labels[r] : 0;
@@ -202,28 +202,22 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
       teacher.indices(r, K, id.data());
       if (!mark_ids(id.data(), K, V, taken.data())) {
         bad_ids.store(true, std::memory_order_relaxed);
-        lossp[r] = NAN;
-        if (grow) std::fill(grow, grow + V, S(NAN));
+        poison_row(r, grow, false);
         continue;
       }
       teacher.logprobs(r, K, lpv.data());
       const S* srow = sp + r * ss;
       const float* z = full ? widen(srow, V, zb) : nullptr;
-      // The NaN rule (fd_math.h) over what the row reads: the k log-probs and student logits at the
-      // ids here; the whole student row, when the loss reads it (bucket tail, hard-label term), through
-      // its sums of exp below (NaN exactly when the row holds NaN or +inf, as in distill_loss.cpp).
+      // The NaN rule (fd_math.h) over what the row reads: lp and z at the ids here; the whole student
+      // row, when read (bucket, hard label), by its exp sums below (NaN exactly for NaN or +inf in it).
       bool poisoned = false;
       for (int64_t i = 0; i < K; ++i) {
-        const float zi = z ? z[id[i]] : static_cast<float>(srow[id[i]]);
-        poisoned |= fd::poisons_row(zi) | fd::poisons_row(lpv[i]);
-        sI[i] = zi * it;
+        sI[i] = (z ? z[id[i]] : static_cast<float>(srow[id[i]])) * it;
+        poisoned |= fd::poisons_row(sI[i]) | fd::poisons_row(lpv[i]);
       }
       const float mz = full ? row_max(z, V) : 0.0f;
       // All -inf (or -inf and NaN, which the plain-compare max may skip): undefined softmax.
-      if (poisoned || (full && mz == -INFINITY)) {
-        poison_row(r, grow);
-        continue;
-      }
+      if (poisoned || (full && mz == -INFINITY)) { poison_row(r, grow, true); continue; }
 
       Softmax sm;
       int64_t nc = K;
@@ -233,10 +227,7 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
         // Categories: p_i = exp(lp_i), q_i from the full softmax of z / T; rest p = max(0, 1 - sum p_i).
         sm.max = mz * it;
         const double total = exp_chunks(z, V, it, sm.max, e.data(), cs.data());
-        if (total != total) {  // NaN or +inf in the student row
-          poison_row(r, grow);
-          continue;
-        }
+        if (total != total) { poison_row(r, grow, true); continue; }  // NaN or +inf in the row
         sm.log_sum = logf((float)total);
         sm.inv_sum = (float)(1.0 / total);
         sm.e = e.data();
@@ -284,8 +275,7 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
           cat.lq[i] = (sI[i] - ms) - ls_q;
           cat.p[i] = std::exp(cat.lp[i]);
           cat.q[i] = std::exp(cat.lq[i]);
-          // From the two log-probs, exact near 0 where they matter (lp - s would subtract a logit
-          // that may be ~1e4).
+          // From the two log-probs: exact near 0 (lp - s would subtract a logit that may be ~1e4).
           cat.delta[i] = cat.lp[i] - cat.lq[i];
         }
       }
@@ -303,10 +293,7 @@ void topk_rows(const at::Tensor& student, const TeacherRows& teacher, const int6
       if (ce) {
         if (own_z) {
           const double total = exp_chunks(z, V, 1.0f, mz, ez.data(), cs.data());
-          if (total != total) {  // NaN or +inf in the student row
-            poison_row(r, grow);
-            continue;
-          }
+          if (total != total) { poison_row(r, grow, true); continue; }  // NaN or +inf in the row
           smz = {mz, logf((float)total), (float)(1.0 / total), ez.data()};
         } else {
           smz = sm;  // bucket tail at T = 1: the same softmax
@@ -385,14 +372,10 @@ std::tuple<at::Tensor, at::Tensor> topk_distill_loss_cpu(
   at::Tensor lab_c;
   const int64_t* lab = cpu_labels(labels, V, hard_weight, ignore_index, lab_c);
   auto [loss, grad] = new_loss_and_grad(student, N, V, compute_grad);
-  Config cf;
-  cf.rp = fd::make_row_params((int)divergence, temperature, weight, (float)soft_weight, (float)hard_weight, scale_t2,
-                              V);
-  cf.bucket = tail == 1;
-  cf.V = V;
-  cf.K = K;
-  cf.ignore_index = ignore_index;
-  cf.scale = scale.to(at::kFloat).item<float>();  // CPU tensor: no device sync
+  const Config cf{fd::make_row_params((int)divergence, temperature, weight, (float)soft_weight, (float)hard_weight,
+                                     scale_t2, V),
+                  tail == 1, V, K, ignore_index,
+                  scale.to(at::kFloat).item<float>()};  // CPU tensor: no device sync
   const TeacherRows teacher{logprobs.data_ptr(), logprobs.scalar_type(), logprobs.stride(0),
                             indices.data_ptr(), indices.scalar_type() == at::kLong, indices.stride(0)};
   std::atomic<bool> bad_ids{false};

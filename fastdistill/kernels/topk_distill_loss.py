@@ -41,8 +41,9 @@ def _load_categories(c0, cats, K, k_lim, V, s_row, lp_row, id_row):
 @triton.jit
 def _category_logs(c, is_id, rest_slot, z, lp, inv_t, a0, a1, b0, b1, lp_rest, lq_rest, BUCKET: tl.constexpr):
     """(log p, log q, delta = log p - log q) of categories c; c == rest_slot (K, or -1 when the rest
-    bucket is empty) is the rest bucket, the others past K are empty (p = q = 0). bucket: a0, a1 = max and log-sum of the full softmax of s; renormalize:
-    (a0, a1) and (b0, b1) those of the k log-probs and of the k gathered s. delta comes from the two
+    bucket is empty) is the rest bucket, the others past K are empty (p = q = 0). bucket: a0, a1 = max
+    and log-sum of the full softmax of s; renormalize: (a0, a1) and (b0, b1) those of the k log-probs
+    and of the k gathered s. delta comes from the two
     log-probs, exact near 0 where they matter (lp - s would subtract a logit that may be ~1e4)."""
     s = z * inv_t
     if BUCKET:
