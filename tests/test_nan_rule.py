@@ -197,17 +197,28 @@ def test_fused_linear_nan_hidden_gives_nan_rows(backend, divergence):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fused_linear_nan_in_ignored_row(backend):
-    """An ignored token whose hidden state holds NaN: its loss and its d(hidden) row are exact zeros
-    and the other rows keep their values."""
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_fused_linear_nan_in_ignored_row(backend, reduction):
+    """An ignored token whose hidden state holds NaN or inf: its loss and its d(hidden) row are exact zeros,
+    the other rows keep their values, and the weight gradient is what it is with those rows zeroed (the
+    ignored rows must not reach it as 0 · NaN)."""
     p = _fused_problem()
     labels = torch.arange(9) % 29
     labels[[2, 4, 6]] = IGNORE
+    opts = dict(labels=labels, chunk_size=4, backend=backend, reduction=reduction, divergence="jsd")
     sh = p["student_hidden"].requires_grad_(True)
-    rows = fastdistill.fused_linear_distill_loss(sh, p["student_weight"], p["teacher_hidden"], p["teacher_weight"],
-                                                 labels=labels, chunk_size=4, backend=backend, reduction="none",
-                                                 divergence="jsd")
-    (gh,) = torch.autograd.grad(rows.sum(), [sh])
+    sw = p["student_weight"].requires_grad_(True)
+    rows = fastdistill.fused_linear_distill_loss(sh, sw, p["teacher_hidden"], p["teacher_weight"], **opts)
+    gh, gw = torch.autograd.grad(rows.sum(), [sh, sw])
     ignored = labels == IGNORE
-    assert torch.all(rows[ignored] == 0) and torch.all(gh[ignored] == 0)
-    assert torch.isfinite(rows).all() and torch.isfinite(gh).all()
+    if reduction == "none":
+        assert torch.all(rows[ignored] == 0)
+    assert torch.all(gh[ignored] == 0)
+    assert torch.isfinite(rows).all() and torch.isfinite(gh).all() and torch.isfinite(gw).all()
+    clean = {k: torch.where(ignored.unsqueeze(-1), 0.0, v.detach()) if k.endswith("hidden") else v.detach()
+             for k, v in p.items()}
+    sw2 = clean["student_weight"].requires_grad_(True)
+    want = fastdistill.fused_linear_distill_loss(clean["student_hidden"], sw2, clean["teacher_hidden"],
+                                                 clean["teacher_weight"], **opts)
+    (gw_want,) = torch.autograd.grad(want.sum(), [sw2])
+    torch.testing.assert_close(gw, gw_want, rtol=1e-6, atol=1e-7)

@@ -100,7 +100,7 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
                labels: Optional[torch.Tensor], row_weights: Optional[torch.Tensor], loss_fn: LossFn, *,
                logit_scale: float, softcap: float, chunk_size: int, need_grad_hidden: bool,
-               need_grad_weight: bool, need_grad_bias: bool):
+               need_grad_weight: bool, need_grad_bias: bool, ignore_index: int = -100):
     """Row losses ([N], float32; float64 for float64 weights) and the requested gradients of sum(rows · row_weights).
 
     Returns (rows, grad_hidden, grad_weight, grad_bias); a gradient not requested is None. Gradients
@@ -134,6 +134,8 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
         if grad_hidden is not None:
             student.grad_hidden(grad, grad_hidden[start:end])
         if grad_weight is not None:
+            if chunk_labels is not None:  # ignored rows may hold anything (NaN padding): 0 · NaN would leak
+                h_s = h_s.masked_fill((chunk_labels == ignore_index).unsqueeze(-1), 0)
             student.accumulate_grad_weight(grad_weight, grad, h_s)
         if grad_bias is not None:
             grad_bias.add_(grad.sum(0))

@@ -37,6 +37,14 @@ def pad_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat([logits, pad], dim=-1)
 
 
+def _zero_ignored(hidden: torch.Tensor, labels: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Hidden states of ignored rows replaced by 0 (they may hold anything, e.g. NaN padding, which would
+    otherwise reach the weight gradient as 0 · NaN)."""
+    if labels is None:
+        return hidden
+    return torch.where((labels == ignore_index).unsqueeze(-1), torch.zeros((), dtype=hidden.dtype), hidden)
+
+
 def fused_linear_distill_loss_ref(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
                                   student_bias=None, teacher_bias=None, labels=None, logit_scale: float = 1.0,
                                   softcap: float | None = None, dtype: torch.dtype | None = None,
@@ -49,6 +57,7 @@ def fused_linear_distill_loss_ref(student_hidden, student_weight, teacher_hidden
     if dtype is None:
         dtype = torch.float64 if torch.float64 in (student_hidden.dtype, student_weight.dtype) else torch.float32
     head = dict(dtype=dtype, logit_scale=logit_scale, softcap=softcap)
+    student_hidden = _zero_ignored(student_hidden, labels, options.get("ignore_index", -100))
     s = head_logits_ref(student_hidden, student_weight, student_bias, **head)
     with torch.no_grad():
         t = head_logits_ref(teacher_hidden, teacher_weight, teacher_bias, **head)
@@ -67,6 +76,7 @@ def fused_linear_distill_loss_chunked_ref(student_hidden, student_weight, studen
     vocab = max(student_weight.shape[0], teacher_weight.shape[0])
 
     def chunk_rows(h_s, h_t, chunk_labels):
+        h_s = _zero_ignored(h_s, chunk_labels, options.get("ignore_index", -100))
         s = head_logits_ref(h_s, student_weight, student_bias, **head)
         with torch.no_grad():
             t = head_logits_ref(h_t, teacher_weight, teacher_bias, **head)
