@@ -1,6 +1,6 @@
 """Compiles the int8 Triton kernels for sm_90 (every variant) and sm_80 (each kernel once) without a GPU (the
 interpreter accepts code compiled Triton rejects) and checks the PTX for what the bit-exactness contract
-needs: IEEE div.rn (not div.full) in the quantizer, int8 MMAs and no FMA contraction in the W8A8 epilogue,
+needs: IEEE div.rn (not div.full), a NaN-keeping integer max and no flush-to-zero in the quantizer, int8 MMAs and no FMA contraction in the W8A8 epilogue,
 no TF32 in the fp32 W8A16 path."""
 import json
 import os
@@ -35,7 +35,8 @@ out = {}
 for cc in (90, 80):
     p = ptx(k._quantize_per_token_kernel, dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*fp32", K="i32"),
             dict(BLOCK_K=4096), 8, fusion=False, cc=cc)
-    out[f"quant_{cc}"] = {"div_rn": "div.rn.f32" in p, "div_approx": "div.full" in p or "div.approx" in p}
+    out[f"quant_{cc}"] = {"div_rn": "div.rn.f32" in p, "div_approx": "div.full" in p or "div.approx" in p,
+                          "int_max": "max.s32" in p, "ftz": ".ftz" in p}
 types = dict(x_ptr="*i8", w_ptr="*i8", xs_ptr="*fp32", ws_ptr="*fp32", b_ptr="*bf16", out_ptr="*bf16", M="i32",
              N="i32", K="i32")
 for bm, bn, bk, w, cc in [(128, 128, 64, 8, 90), (16, 64, 128, 4, 90), (128, 128, 64, 8, 80)]:
@@ -64,7 +65,9 @@ def test_int8_kernels_compile_for_sm80_and_sm90():
         pytest.skip("triton's bundled ptxas is unavailable here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["quant_90"] == r["quant_80"] == {"div_rn": True, "div_approx": False}, r
+    # int_max: the row max on the float bits as integers keeps NaN (a float max drops it on GPUs);
+    # no .ftz: denormal rows are kept for the tiny-row rescaling.
+    assert r["quant_90"] == r["quant_80"] == {"div_rn": True, "div_approx": False, "int_max": True, "ftz": False}, r
     for key in ("w8a8_128_90", "w8a8_16_90", "w8a8_128_80"):
         assert r[key] == {"int8_mma": True, "fma": False}, r
     assert r["w8a16_True_90"]["mma"] and r["w8a16_False_90"]["mma"] and r["w8a16_True_80"]["mma"], r
