@@ -1,7 +1,7 @@
 """Compiles the int8 Triton kernels for sm_90 (every variant) and sm_80 (each kernel once) without a GPU (the
 interpreter accepts code compiled Triton rejects) and checks the PTX for what the bit-exactness contract
-needs: IEEE div.rn (not div.full), a NaN-keeping integer max and no flush-to-zero in the quantizer, int8 MMAs and no FMA contraction in the W8A8 epilogue,
-no TF32 in the fp32 W8A16 path."""
+needs: IEEE div.rn (not div.full), a NaN-keeping integer max and no flush-to-zero in the quantizer, int8
+MMAs and no FMA contraction in the W8A8 epilogue, no TF32 in the fp32 W8A16 path."""
 import json
 import os
 import subprocess
