@@ -133,12 +133,14 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Calls write(tmp_path) and moves the result to `path` only once it is complete on disk, so a
-    crash leaves either the old file or the new one, never a torn one."""
+def atomic_write(path: str, write: Callable[[str], None], tmp: str | None = None) -> None:
+    """Calls write(tmp) and moves the result to `path` only once it is complete on disk, so a crash
+    leaves either the old file or the new one, never a torn one; a failed write (ENOSPC) removes tmp.
+    tmp: the temporary file's path (default: a fresh TMP_PREFIX file next to `path`)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=directory)
-    os.close(fd)
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=directory)
+        os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

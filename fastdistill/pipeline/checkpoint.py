@@ -19,7 +19,7 @@ import re
 import torch
 from safetensors.torch import load_file
 
-from fastdistill.cache.manifest import save_safetensors  # save_file with OSError on I/O failures
+from fastdistill.cache.manifest import atomic_write, save_safetensors  # save_file: OSError on I/O failures
 
 INTEGRITY_KEY = "integrity_sha256"
 _TMP_SUFFIX = re.compile(r"\.tmp\.\d+$")  # what tmp_path() appends
@@ -47,17 +47,9 @@ def remove_stale_tmp(directory: str) -> list[str]:
 
 
 def _write_then_rename(path: str, write) -> None:
-    """write(tmp) then fsync and os.replace; the temporary file is removed if anything fails (ENOSPC)."""
-    tmp = tmp_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """write(tmp) then fsync and os.replace; the temporary file (named for stale-file cleanup) is removed
+    if anything fails (ENOSPC)."""
+    atomic_write(path, write, tmp=tmp_path(path))
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
