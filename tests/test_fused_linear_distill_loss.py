@@ -99,6 +99,17 @@ def test_reductions_and_transforms(backend, reduction, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("heads", [dict(softcap=4.0, teacher_softcap=0.0),
+                                   dict(teacher_logit_scale=0.6, teacher_softcap=3.0),
+                                   dict(logit_scale=1.3, softcap=5.0, teacher_logit_scale=2.0)])
+def test_per_model_transforms(backend, heads, seed):
+    """Teacher and student heads with different logit_scale / softcap (a Gemma-2 teacher, a Llama student)."""
+    device = backend_device(backend)
+    problem = make_problem(seed, n=17, v_s=97, v_t=97, device=device)
+    check(backend, problem, seed=seed, divergence="kl", temperature=1.5, chunk_size=6, **heads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(backend, dtype, seed):
     device = backend_device(backend)

@@ -22,7 +22,8 @@ def test_opcheck(backend, reduce, seed):
     row_weights = None if reduce else torch.rand(11, device=device)
     sh, sw, sb = (p[k].requires_grad_(True) for k in ("student_hidden", "student_weight", "student_bias"))
     args = (sh, sw, sb, p["teacher_hidden"], p["teacher_weight"], p["teacher_bias"], labels, scale, row_weights,
-            DIVERGENCE_CODES["jsd"], 2.0, 0.4, 1.0, 0.5, True, -100, 1.3, 6.0, 4, reduce, True, True, True)
+            DIVERGENCE_CODES["jsd"], 2.0, 0.4, 1.0, 0.5, True, -100, 1.3, 6.0, 0.7, 0.0, 4, reduce, True, True,
+            True)
     torch.library.opcheck(_OPS[backend], args)
 
 
@@ -90,6 +91,8 @@ def _bad(**changes):
     (_bad(), {"chunk_size": 2.5}, ValueError, "chunk_size"),
     (_bad(), {"softcap": 0.0}, ValueError, "softcap"),
     (_bad(), {"logit_scale": float("nan")}, ValueError, "logit_scale"),
+    (_bad(), {"teacher_logit_scale": 0.0}, ValueError, "teacher_logit_scale"),
+    (_bad(), {"teacher_softcap": -1.0}, ValueError, "teacher_softcap"),
     (_bad(), {"divergence": "mse"}, ValueError, "needs equal vocabularies"),
     (_bad(), {"divergence": "kld"}, ValueError, "divergence: unknown"),
     (_bad(), {"hard_weight": 1.0}, ValueError, "hard_weight"),

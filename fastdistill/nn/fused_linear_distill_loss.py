@@ -14,21 +14,24 @@ class FusedLinearDistillLoss(nn.Module):
     """`FusedLinearDistillLoss(**options)(student_hidden, student_weight, teacher_hidden, teacher_weight,
     labels=None, student_bias=None, teacher_bias=None)` == `fused_linear_distill_loss(...)`.
 
-    Options are those of fastdistill.fused_linear_distill_loss (chunk_size, logit_scale, softcap and
-    every distill_loss option) and are checked here, once. Typical use with language models:
+    Options are those of fastdistill.fused_linear_distill_loss (chunk_size, logit_scale, softcap,
+    teacher_logit_scale, teacher_softcap and every distill_loss option) and are checked here, once. Typical use with language models:
     `loss_fn(student_h, student.lm_head.weight, teacher_h, teacher.lm_head.weight, labels)`.
     """
 
     def __init__(self, *, chunk_size: Optional[int] = None, logit_scale: float = 1.0, softcap: Optional[float] = None,
+                 teacher_logit_scale: Optional[float] = None, teacher_softcap: Optional[float] = None,
                  divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                  soft_weight: float = 1.0, hard_weight: float = 0.0, scale_t2: bool = True,
                  ignore_index: int = -100, reduction: str = "batchmean", num_items=None, backend: str = "auto"):
         super().__init__()
-        check_fused_options(chunk_size, logit_scale, softcap)
+        check_fused_options(chunk_size, logit_scale, softcap, teacher_logit_scale, teacher_softcap)
         # labels=... stands in for "labels will be given" so that hard_weight is checked without them.
         check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...,
                            ignore_index)
-        self.options = dict(chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap, divergence=divergence,
+        self.options = dict(chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap,
+                            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap,
+                            divergence=divergence,
                             temperature=temperature, beta=beta, skew=skew, soft_weight=soft_weight,
                             hard_weight=hard_weight, scale_t2=scale_t2, ignore_index=ignore_index,
                             reduction=reduction, num_items=num_items, backend=backend)

@@ -1,6 +1,6 @@
 """The chunk loop of fused_linear_distill_loss, shared by every backend.
 
-Per chunk of tokens: both heads' logits in float32 (aten GEMMs), logit_scale / softcap in place,
+Per chunk of tokens: both heads' logits in float32 (aten GEMMs), each model's logit_scale / softcap in place,
 the smaller vocabulary padded with -inf, then one backend's fused loss kernel gives the row losses
 and d(loss)/d(logits) in the same pass; that gradient goes back through softcap and the GEMMs into
 d(hidden) (rows of this chunk), d(weight) (float32 accumulator) and d(bias). Only [chunk, V]
@@ -99,11 +99,14 @@ def _chain_(grad: torch.Tensor, capped: torch.Tensor, logit_scale: float, softca
 def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
                labels: Optional[torch.Tensor], row_weights: Optional[torch.Tensor], loss_fn: LossFn, *,
-               logit_scale: float, softcap: float, chunk_size: int, need_grad_hidden: bool,
+               logit_scale: float, softcap: float, teacher_logit_scale: float, teacher_softcap: float,
+               chunk_size: int, need_grad_hidden: bool,
                need_grad_weight: bool, need_grad_bias: bool, ignore_index: int = -100):
     """Row losses ([N], float32; float64 for float64 weights) and the requested gradients of sum(rows · row_weights).
 
-    Returns (rows, grad_hidden, grad_weight, grad_bias); a gradient not requested is None. Gradients
+    logit_scale / softcap transform the student's logits, teacher_logit_scale / teacher_softcap the
+    teacher's (softcap 0: none). Returns (rows, grad_hidden, grad_weight, grad_bias); a gradient not
+    requested is None. Gradients
     come back in their parameter's dtype; the weight and bias gradients are accumulated in float32.
     """
     n_rows = student_hidden.shape[0]
@@ -121,7 +124,7 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
         h_s = student_hidden[start:end]
         s = _transform_(student.logits(h_s), logit_scale, softcap)
         with torch.no_grad():
-            t = _transform_(teacher.logits(teacher_hidden[start:end]), logit_scale, softcap)
+            t = _transform_(teacher.logits(teacher_hidden[start:end]), teacher_logit_scale, teacher_softcap)
         chunk_labels = None if labels is None else labels[start:end]
         loss_rows, grad = loss_fn(pad_vocab(s, vocab), pad_vocab(t, vocab), chunk_labels, want_grad)
         rows[start:end] = loss_rows

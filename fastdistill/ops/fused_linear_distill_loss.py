@@ -42,6 +42,8 @@ class _Config:
     ignore_index: int
     logit_scale: float
     softcap: float  # 0: none
+    teacher_logit_scale: float
+    teacher_softcap: float  # 0: none
     chunk_size: int
     reduce: bool
     need_grad_hidden: bool
@@ -69,7 +71,7 @@ def _forward(backend: str, tensors: tuple, cfg: _Config):
     loss_fn = _kernel_loss_fn(backend, scale, cfg)
     rows, gh, gw, gb = run_chunks(
         sh, sw, sb, th, tw, tb, labels, row_weights, loss_fn, logit_scale=cfg.logit_scale, softcap=cfg.softcap,
-        chunk_size=cfg.chunk_size, need_grad_hidden=cfg.reduce and cfg.need_grad_hidden,
+        teacher_logit_scale=cfg.teacher_logit_scale, teacher_softcap=cfg.teacher_softcap, chunk_size=cfg.chunk_size, need_grad_hidden=cfg.reduce and cfg.need_grad_hidden,
         need_grad_weight=cfg.reduce and cfg.need_grad_weight, need_grad_bias=cfg.reduce and cfg.need_grad_bias,
         ignore_index=cfg.ignore_index)
     grads = (g if g is not None else sh.new_empty(0) for g in (gh, gw, gb))  # distinct: outputs must not alias
@@ -113,20 +115,23 @@ def _define_op(backend: str):
              teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
              labels: Optional[torch.Tensor], scale: torch.Tensor, row_weights: Optional[torch.Tensor],
              divergence: int, temperature: float, weight: float, soft_weight: float, hard_weight: float,
-             scale_t2: bool, ignore_index: int, logit_scale: float, softcap: float, chunk_size: int, reduce: bool,
+             scale_t2: bool, ignore_index: int, logit_scale: float, softcap: float, teacher_logit_scale: float,
+             teacher_softcap: float, chunk_size: int, reduce: bool,
              need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                    labels, scale, row_weights)
         cfg = _Config(divergence, temperature, weight, soft_weight, hard_weight, scale_t2, ignore_index, logit_scale,
-                      softcap, chunk_size, reduce, need_grad_hidden, need_grad_weight, need_grad_bias)
+                      softcap, teacher_logit_scale, teacher_softcap, chunk_size, reduce, need_grad_hidden,
+                      need_grad_weight, need_grad_bias)
         return _forward(backend, tensors, cfg)
 
     op = torch.library.custom_op(f"fastdistill::fused_linear_distill_loss_{backend}", impl, mutates_args=())
 
     @op.register_fake
     def _(student_hidden, student_weight, student_bias, *args):
-        reduce, flags = args[16], args[17:]
+        cfg = _Config(*args[_TENSORS - 3:])
+        reduce, flags = cfg.reduce, (cfg.need_grad_hidden, cfg.need_grad_weight, cfg.need_grad_bias)
         loss = student_hidden.new_empty(() if reduce else student_hidden.shape[:1], dtype=torch.float32)
         shapes = (student_hidden.shape, student_weight.shape, student_weight.shape[:1])
         like = (student_hidden, student_weight, student_bias if student_bias is not None else student_weight)
@@ -181,13 +186,17 @@ def _check_head(prefix: str, hidden, weight, bias):
                         f"got {bias.dtype} on {bias.device}")
 
 
-def check_fused_options(chunk_size, logit_scale, softcap):
+def check_fused_options(chunk_size, logit_scale, softcap, teacher_logit_scale=None, teacher_softcap=None):
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size: expected None or an integer >= 1, got {chunk_size!r}")
     check_number("logit_scale", logit_scale, low=0.0, low_open=True)
     if softcap is not None:
         check_number("softcap", softcap, low=0.0, low_open=True)
+    if teacher_logit_scale is not None:
+        check_number("teacher_logit_scale", teacher_logit_scale, low=0.0, low_open=True)
+    if teacher_softcap is not None:
+        check_number("teacher_softcap", teacher_softcap, low=0.0)  # 0: no cap on the teacher
 
 
 def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -207,7 +216,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
                               student_bias: Optional[torch.Tensor] = None,
                               teacher_bias: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                               chunk_size: Optional[int] = None, logit_scale: float = 1.0,
-                              softcap: Optional[float] = None, divergence: str = "kl", temperature: float = 1.0,
+                              softcap: Optional[float] = None, teacher_logit_scale: Optional[float] = None,
+                              teacher_softcap: Optional[float] = None, divergence: str = "kl", temperature: float = 1.0,
                               beta: float = 0.5, skew: float = 0.1, soft_weight: float = 1.0,
                               hard_weight: float = 0.0, scale_t2: bool = True, ignore_index: int = -100,
                               reduction: str = "batchmean", num_items=None, backend: str = "auto") -> torch.Tensor:
@@ -217,13 +227,16 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     Hidden states (..., H_s) / (..., H_t), weights (V_s, H_s) / (V_t, H_t); H_s != H_t and V_s != V_t
     are allowed (the smaller vocabulary is padded with -inf logits: probability 0). Logits are
     float32 inside a chunk of `chunk_size` tokens (None: sized from a memory budget), multiplied by
-    `logit_scale`, then capped as softcap · tanh(logits / softcap) when `softcap` is given. Every other
+    `logit_scale`, then capped as softcap · tanh(logits / softcap) when `softcap` is given. The teacher's
+    logits get `teacher_logit_scale` and `teacher_softcap` instead when given (None: the student's values;
+    teacher_softcap=0: no cap on the teacher), for models whose heads differ (a Gemma-2 teacher with
+    final_logit_softcapping and a Llama student, say). Every other
     option means what it means in distill_loss. Gradients flow to the student's hidden states,
     weight and bias (whichever require grad; the weight and bias gradients are accumulated in float32
     and returned in their dtype); the teacher's tensors never receive gradients.
     """
     _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
-    check_fused_options(chunk_size, logit_scale, softcap)
+    check_fused_options(chunk_size, logit_scale, softcap, teacher_logit_scale, teacher_softcap)
     check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels,
                        ignore_index)
     check_label_values(labels, student_weight.shape[0], int(ignore_index))
@@ -244,6 +257,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     vocab = max(student_weight.shape[0], teacher_weight.shape[0])
     cfg = _Config(code, float(temperature), weight, float(soft_weight), float(hard_weight), bool(scale_t2),
                   int(ignore_index), float(logit_scale), 0.0 if softcap is None else float(softcap),
+                  float(logit_scale if teacher_logit_scale is None else teacher_logit_scale),
+                  float((softcap if teacher_softcap is None else teacher_softcap) or 0.0),
                   int(chunk_size) if chunk_size is not None else auto_chunk_size(sh.shape[0], vocab, sh.device),
                   reduction != "none", grad_on and student_hidden.requires_grad,
                   grad_on and student_weight.requires_grad,
@@ -252,6 +267,7 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     if name == "reference":
         rows = fused_linear_distill_loss_chunked_ref(
             *tensors[:-1], chunk_size=cfg.chunk_size, logit_scale=cfg.logit_scale, softcap=softcap,
+            teacher_logit_scale=cfg.teacher_logit_scale, teacher_softcap=cfg.teacher_softcap,
             divergence=DIVERGENCES[code], temperature=cfg.temperature, beta=weight, skew=weight,
             soft_weight=cfg.soft_weight, hard_weight=cfg.hard_weight, scale_t2=cfg.scale_t2,
             ignore_index=cfg.ignore_index)

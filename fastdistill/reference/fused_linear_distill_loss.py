@@ -45,9 +45,20 @@ def _zero_ignored(hidden: torch.Tensor, labels: torch.Tensor | None, ignore_inde
     return torch.where((labels == ignore_index).unsqueeze(-1), torch.zeros((), dtype=hidden.dtype), hidden)
 
 
+def _heads(dtype, logit_scale, softcap, teacher_logit_scale, teacher_softcap) -> tuple[dict, dict]:
+    """head_logits_ref options of the student and the teacher; the teacher's default to the student's
+    (teacher_softcap=0: no cap on the teacher)."""
+    if teacher_softcap is None:
+        teacher_softcap = softcap
+    teacher = dict(dtype=dtype, logit_scale=logit_scale if teacher_logit_scale is None else teacher_logit_scale,
+                   softcap=teacher_softcap or None)
+    return dict(dtype=dtype, logit_scale=logit_scale, softcap=softcap), teacher
+
+
 def fused_linear_distill_loss_ref(student_hidden, student_weight, teacher_hidden, teacher_weight, *,
                                   student_bias=None, teacher_bias=None, labels=None, logit_scale: float = 1.0,
-                                  softcap: float | None = None, dtype: torch.dtype | None = None,
+                                  softcap: float | None = None, teacher_logit_scale: float | None = None,
+                                  teacher_softcap: float | None = None, dtype: torch.dtype | None = None,
                                   **options) -> torch.Tensor:
     """distill_loss_ref on the full logits of both heads; the smaller vocabulary is padded with -inf.
 
@@ -56,11 +67,11 @@ def fused_linear_distill_loss_ref(student_hidden, student_weight, teacher_hidden
     """
     if dtype is None:
         dtype = torch.float64 if torch.float64 in (student_hidden.dtype, student_weight.dtype) else torch.float32
-    head = dict(dtype=dtype, logit_scale=logit_scale, softcap=softcap)
+    head, teacher_head = _heads(dtype, logit_scale, softcap, teacher_logit_scale, teacher_softcap)
     student_hidden = _zero_ignored(student_hidden, labels, options.get("ignore_index", -100))
     s = head_logits_ref(student_hidden, student_weight, student_bias, **head)
     with torch.no_grad():
-        t = head_logits_ref(teacher_hidden, teacher_weight, teacher_bias, **head)
+        t = head_logits_ref(teacher_hidden, teacher_weight, teacher_bias, **teacher_head)
     vocab = max(s.shape[-1], t.shape[-1])
     return distill_loss_ref(pad_vocab(s, vocab), pad_vocab(t, vocab), labels, **options)
 
@@ -68,18 +79,19 @@ def fused_linear_distill_loss_ref(student_hidden, student_weight, teacher_hidden
 def fused_linear_distill_loss_chunked_ref(student_hidden, student_weight, student_bias, teacher_hidden,
                                           teacher_weight, teacher_bias, labels, scale, *, chunk_size: int,
                                           logit_scale: float = 1.0, softcap: float | None = None,
-                                          **options) -> torch.Tensor:
+                                          teacher_logit_scale: float | None = None,
+                                          teacher_softcap: float | None = None, **options) -> torch.Tensor:
     """Row losses times `scale` of 2-D hidden states ([N, H]); float32 (float64 for float64 inputs).
     Backward recomputes each chunk's logits (checkpointing) instead of keeping them."""
     dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
-    head = dict(dtype=dtype, logit_scale=logit_scale, softcap=softcap)
+    head, teacher_head = _heads(dtype, logit_scale, softcap, teacher_logit_scale, teacher_softcap)
     vocab = max(student_weight.shape[0], teacher_weight.shape[0])
 
     def chunk_rows(h_s, h_t, chunk_labels):
         h_s = _zero_ignored(h_s, chunk_labels, options.get("ignore_index", -100))
         s = head_logits_ref(h_s, student_weight, student_bias, **head)
         with torch.no_grad():
-            t = head_logits_ref(h_t, teacher_weight, teacher_bias, **head)
+            t = head_logits_ref(h_t, teacher_weight, teacher_bias, **teacher_head)
         return distill_loss_rows_ref(pad_vocab(s, vocab), pad_vocab(t, vocab), chunk_labels, **options)
 
     rows = [checkpoint(chunk_rows, student_hidden[i:i + chunk_size], teacher_hidden[i:i + chunk_size],
