@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from fastdistill import dispatch
+from fastdistill.distributed.vocab_parallel_route import any_dtensor
 from fastdistill.ops.common import (as_int64, interpreting, launch_guard, native, register_native, row_blocks,
                                     row_labels)
 from fastdistill.ops.loss_common import (DIVERGENCE_CODES, check_label_values, check_logits, check_loss_options,
@@ -62,7 +63,7 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
                  divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                  soft_weight: float = 1.0, hard_weight: float = 0.0, scale_t2: bool = True,
                  ignore_index: int = -100, reduction: str = "batchmean", num_items=None,
-                 backend: str = "auto") -> torch.Tensor:
+                 backend: str = "auto", group=None) -> torch.Tensor:
     """Fused distillation loss between student and teacher logits of shape (..., V).
 
     Row loss = soft_weight · (T² if scale_t2) · D(p ‖ q) + hard_weight · CE(student, labels), with
@@ -70,7 +71,15 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, 
     Rows whose label == ignore_index count in neither term. Returns a float32 loss: a scalar for
     "batchmean" (sum / valid rows, or / num_items) and "sum", the per-row losses (shape (...)) for
     "none". Only the student receives a gradient, in its own dtype.
+    Vocabulary-sharded logits (DTensors placed Shard(-1), or local slices with group=, a ProcessGroup):
+    see fastdistill.distributed.vocab_parallel_loss (per-row all-reduces only; docs/sharded.md).
     """
+    if group is not None or any_dtensor(student_logits, teacher_logits, labels):
+        from fastdistill.distributed.vocab_parallel_loss import vocab_parallel_distill_loss
+        return vocab_parallel_distill_loss(
+            student_logits, teacher_logits, labels=labels, divergence=divergence, temperature=temperature, beta=beta,
+            skew=skew, soft_weight=soft_weight, hard_weight=hard_weight, scale_t2=scale_t2, ignore_index=ignore_index,
+            reduction=reduction, num_items=num_items, backend=backend, group=group)
     check_logits(student_logits, teacher_logits, labels)
     check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels,
                        ignore_index)

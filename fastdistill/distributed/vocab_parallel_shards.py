@@ -1,0 +1,146 @@
+"""Which process group a vocabulary-sharded call runs over, and where this rank's slice of the vocabulary starts.
+
+Two ways in: DTensors placed Shard(vocab dim) on a 1-D device mesh (torch's ColwiseParallel on the output head
+gives Shard(-1) logits and Shard(0) weights), or plain local slices plus `group=`. Slices are contiguous and
+in group-rank order (rank r holds ids [start_r, start_r + V_r)); the V_r may differ (uneven splits).
+
+One all-reduce of a [world, n] int64 table of the local vocabulary sizes per call (and one host sync to read it)
+gives every rank the same view of the split: V, this rank's start, and every check that involves more than one
+rank, so that all ranks raise the same error instead of one raising while the others wait in a collective.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from fastdistill.distributed.vocab_parallel_route import is_dtensor
+
+
+@dataclass(frozen=True)
+class VocabShards:
+    group: object
+    rank: int
+    world: int
+    vocab: int  # V, the whole vocabulary
+    start: int  # this rank's first id
+    local: int  # this rank's number of ids
+    widest: int  # the largest slice: chunk sizes derive from it, so every rank runs the same chunks
+
+    def all_reduce_(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        dist.all_reduce(t, op=op, group=self.group)
+        return t
+
+
+def _check_mesh(name: str, t, dim: int, mesh) -> None:
+    if t.device_mesh.ndim != 1:
+        raise ValueError(f"{name}: a DTensor on a {t.device_mesh.ndim}-D device mesh; vocabulary-parallel losses "
+                         f"take a 1-D mesh (for other layouts pass tensor.to_local() and group=<the vocabulary "
+                         f"group>)")
+    if mesh is not None and t.device_mesh != mesh:
+        raise ValueError(f"{name}: on device mesh {t.device_mesh}, the other sharded tensors on {mesh}")
+    placement = t.placements[0]
+    if dim is None:
+        if not placement.is_replicate():
+            raise ValueError(f"{name}: expected a replicated DTensor (placement Replicate()), got {placement}")
+    elif not (placement.is_shard() and placement.dim % t.dim() == dim % t.dim()):
+        raise ValueError(f"{name}: expected placement Shard({dim}) (sharded along the vocabulary), got {placement}")
+
+
+def _check_group(group) -> None:
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("group: this rank is not a member of the group")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group: expected a torch.distributed.ProcessGroup, got {type(group).__name__}")
+
+
+def _resolve_group(sharded, group):
+    """The process group: the DTensors' mesh group (checked against group= when both are given) or group=."""
+    first_name, first = sharded[0][:2]
+    if group is not None:
+        _check_group(group)
+    if is_dtensor(first):
+        mesh = first.device_mesh
+        mesh_group = mesh.get_group()
+        if group is not None:
+            mine, theirs = dist.get_process_group_ranks(group), dist.get_process_group_ranks(mesh_group)
+            if mine != theirs:
+                raise ValueError(f"group: holds ranks {mine}, but {first_name}'s device mesh holds ranks {theirs}")
+        return mesh_group, mesh
+    if group is None:
+        raise TypeError(f"{first_name}: a plain tensor and group is None: vocabulary-parallel calls take DTensors "
+                        f"placed Shard(-1), or local slices plus group=")
+    return group, None
+
+
+def localize(sharded: list, replicated: list, group) -> tuple[VocabShards, list, list]:
+    """(VocabShards, local sharded tensors, local replicated tensors).
+
+    sharded: (name, tensor or None, vocab dim) of the tensors split along the vocabulary; every one holds the
+    same slice as the first on each rank. replicated: (name, tensor or None) of tensors every rank holds whole.
+    DTensors become their local tensors through to_local(), which is differentiable: gradients come back as
+    DTensors with the inputs' placements."""
+    sharded = [s for s in sharded if s[1] is not None]
+    for name, t in [s[:2] for s in sharded] + [r for r in replicated if r[1] is not None]:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    kinds = [is_dtensor(t) for _, t, _ in sharded]
+    if any(kinds) and not all(kinds):
+        plain, dt = sharded[kinds.index(False)][0], sharded[kinds.index(True)][0]
+        raise TypeError(f"{plain}: a plain tensor, but {dt} is a DTensor: pass every vocabulary-sharded tensor as a "
+                        f"DTensor, or all of them as local slices with group=")
+    group, mesh = _resolve_group(sharded, group)
+    for name, t, dim in sharded:
+        if mesh is not None:
+            _check_mesh(name, t, dim, mesh)
+    local_replicated = []
+    for name, t in replicated:
+        if t is not None and is_dtensor(t):
+            if mesh is None:
+                raise TypeError(f"{name}: a DTensor, but the vocabulary-sharded tensors are plain local slices")
+            _check_mesh(name, t, None, mesh)
+            t = t.to_local()
+        local_replicated.append(t)
+    local_sharded = [t.to_local() if mesh is not None else t for _, t, _ in sharded]
+    if not dist.is_initialized():
+        raise RuntimeError("group: torch.distributed is not initialized")
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    sizes = [t.shape[dim] if t.dim() else 0 for t, (_, _, dim) in zip(local_sharded, sharded)]
+    table = torch.zeros(world, len(sizes), dtype=torch.int64, device=local_sharded[0].device)
+    table[rank] = torch.tensor(sizes, dtype=torch.int64)
+    dist.all_reduce(table, group=group)
+    rows = table.tolist()
+    _check_table(sharded, rows, mesh is not None)
+    own = [r[0] for r in rows]
+    shards = VocabShards(group=group, rank=rank, world=world, vocab=sum(own), start=sum(own[:rank]),
+                         local=own[rank], widest=max(own))
+    return shards, local_sharded, local_replicated
+
+
+def _check_table(sharded, rows, dtensors: bool) -> None:
+    """The same verdict on every rank: each tensor holds the first one's slice, and DTensors' slices add up to
+    their global V."""
+    first = sharded[0][0]
+    for i, (name, t, dim) in enumerate(sharded):
+        for rank, row in enumerate(rows):
+            if row[i] != row[0]:
+                raise ValueError(f"{name}: rank {rank} holds {row[i]} vocabulary entries but {first} holds "
+                                 f"{row[0]}: the sharded tensors must split one vocabulary alike (equal V, same "
+                                 f"split; teacher and student vocabularies that differ are not supported here)")
+        total = sum(row[i] for row in rows)
+        if dtensors and t.dim() and t.shape[dim] != total:
+            raise ValueError(f"{name}: its local shards add up to V = {total} over {len(rows)} ranks, but the "
+                             f"DTensor's global shape says V = {t.shape[dim]}")
+
+
+def local_rows(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(..., V_r) -> [rows, V_r] (a view when possible; keeps autograd)."""
+    return None if x is None else x.reshape(-1, x.shape[-1])
+
+
+def chunk_rows(shards: VocabShards, n_rows: int, live: int = 8, budget: int = 1 << 25) -> int:
+    """Rows per chunk such that `live` [chunk, V_r] temporaries of 8 bytes stay under `budget` bytes; from the
+    widest slice, so every rank runs the same chunks (the collectives must match)."""
+    return max(min(budget // (live * 8 * max(shards.widest, 1)), max(n_rows, 1)), 1)
