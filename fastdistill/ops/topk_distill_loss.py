@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from fastdistill import dispatch
+from fastdistill.distributed.vocab_parallel_route import any_dtensor
 from fastdistill.ops.common import (as_int64, interpreting, launch_guard, native, register_native, row_blocks,
                                     row_labels)
 from fastdistill.ops.loss_common import (check_label_values, check_logits, check_loss_options, loss_backward,
@@ -101,7 +102,7 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
                       divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                       soft_weight: float = 1.0, hard_weight: float = 0.0, scale_t2: bool = True,
                       ignore_index: int = -100, reduction: str = "batchmean", num_items=None,
-                      validate: bool = False, backend: str = "auto") -> torch.Tensor:
+                      validate: bool = False, backend: str = "auto", group=None) -> torch.Tensor:
     """Distillation loss against a teacher stored as its top-k log-probabilities (offline KD).
 
     student_logits (..., V); teacher_topk_logprobs (..., k), the teacher's log_softmax(logits / T)
@@ -117,7 +118,16 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
     Ids outside [0, V): the cpu backend raises, triton and reference give that row a NaN loss and
     gradient; duplicate ids are undefined there. validate=True checks range and duplicates on any
     backend first (a host sync, and not for torch.compile(fullgraph=True)).
+    Vocabulary-sharded student logits (a DTensor placed Shard(-1), or local slices with group=, a
+    ProcessGroup; ids are global): see fastdistill.distributed.vocab_parallel_topk (docs/sharded.md).
     """
+    if group is not None or any_dtensor(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels):
+        from fastdistill.distributed.vocab_parallel_topk import vocab_parallel_topk_distill_loss
+        return vocab_parallel_topk_distill_loss(
+            student_logits, teacher_topk_logprobs, teacher_topk_indices, tail=tail, labels=labels,
+            divergence=divergence, temperature=temperature, beta=beta, skew=skew, soft_weight=soft_weight,
+            hard_weight=hard_weight, scale_t2=scale_t2, ignore_index=ignore_index, reduction=reduction,
+            num_items=num_items, validate=validate, backend=backend, group=group)
     if divergence == "mse":
         raise ValueError("divergence: 'mse' compares raw logits, which top-k log-probabilities do not give; "
                          "use kl, reverse_kl, jsd, tvd, skew_kl or skew_reverse_kl")
