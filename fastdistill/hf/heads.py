@@ -64,16 +64,16 @@ _OPTIONS: "weakref.WeakKeyDictionary[nn.Module, tuple[float, Optional[float]]]" 
 _VERIFIED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def output_head(model: nn.Module) -> nn.Linear:
-    """model.get_output_embeddings(), which must be an nn.Linear."""
+def output_head(model: nn.Module, who: str = "model") -> nn.Linear:
+    """model.get_output_embeddings(), which must be an nn.Linear (errors name the argument `who`)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     name = type(model).__name__
     if head is None:
-        raise ValueError(f"model: {name} has no output head (get_output_embeddings() gives None); pass a "
+        raise ValueError(f"{who}: {name} has no output head (get_output_embeddings() gives None); pass a "
                          f"*ForCausalLM model, not its base model")
     if not isinstance(head, nn.Linear):
-        raise TypeError(f"model: the output head of {name} is a {type(head).__name__}, not an nn.Linear; the fused "
+        raise TypeError(f"{who}: the output head of {name} is a {type(head).__name__}, not an nn.Linear; the fused "
                         f"loss needs a (V, H) weight and an optional bias (PEFT- or quantization-wrapped heads are "
                         f"not supported)")
     return head
@@ -141,7 +141,8 @@ class _Capture:
         hidden = args[0] if args else kwargs.pop("input")
         self.hidden = hidden
         row = hidden[..., -1:, :] if hidden.dim() >= 2 else hidden
-        if self.want_reference:
+        mixed = row.dtype != module.weight.dtype and not torch.is_autocast_enabled(row.device.type)
+        if self.want_reference and not mixed:  # mixed: the caller's dtype check names the model
             with torch.no_grad():
                 self.reference = F.linear(row, module.weight, module.bias).float()
         return (row, *args[1:]), kwargs

@@ -89,7 +89,7 @@ def _teacher_states(teacher: nn.Module, model_inputs: dict) -> tuple[torch.Tenso
 
 
 def _check_devices(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor) -> None:
-    sw, tw = output_head(unwrap(student)).weight, output_head(unwrap(teacher)).weight
+    sw, tw = output_head(unwrap(student), "student").weight, output_head(unwrap(teacher), "teacher").weight
     if tw.device != sw.device:
         raise ValueError(f"teacher: its output head is on {tw.device} and the student's on {sw.device}; move it "
                          f"with teacher.to({str(sw.device)!r})")
@@ -138,10 +138,12 @@ def causal_lm_distill_loss(student: nn.Module, teacher: nn.Module, input_ids: to
         def fused(h):
             m = head.module
             h, w, b = _matched("student", h, m.weight, m.bias)
-            return fused_linear_distill_loss(
-                h, w, teacher_hidden, teacher_head.weight, student_bias=b, teacher_bias=teacher_head.bias,
-                labels=targets, logit_scale=head.logit_scale, softcap=head.softcap,
-                teacher_logit_scale=teacher_head.logit_scale, teacher_softcap=teacher_head.softcap or 0.0, **options)
+            with torch.autocast(h.device.type, enabled=False):  # the op's own GEMMs must keep its dtypes
+                return fused_linear_distill_loss(
+                    h, w, teacher_hidden, teacher_head.weight, student_bias=b, teacher_bias=teacher_head.bias,
+                    labels=targets, logit_scale=head.logit_scale, softcap=head.softcap,
+                    teacher_logit_scale=teacher_head.logit_scale, teacher_softcap=teacher_head.softcap or 0.0,
+                    **options)
 
         if is_fsdp(head.module) and head.module is not unwrap(student):
             return run_in_forward(head.module, fused, hidden)  # its own unit: unsharded in its forward only
