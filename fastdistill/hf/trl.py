@@ -254,6 +254,14 @@ class FastDistillGKDTrainer(GKDTrainer):
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # TRL runs both models' forward (lm_head included) under the autocast accelerate wraps around each
+        # model's forward (bf16=True: bf16 autocast); the redirected calls below skip that wrapper, so it is
+        # entered here and the loss's compute dtype follows it (_compute_dtype).
+        with self.accelerator.autocast():
+            loss = self._fused_loss(model, inputs, num_items_in_batch)
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _fused_loss(self, model, inputs, num_items_in_batch):
         student = self.accelerator.unwrap_model(model)
         # Through the wrapper's forward, so DDP/FSDP see a forward (as TRL's DistillationTrainer does).
         student_hidden = self._forward_redirection(model, student, _backbone_hidden, student, inputs["input_ids"],
@@ -266,10 +274,9 @@ class FastDistillGKDTrainer(GKDTrainer):
         s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
         s_scale, s_cap = trl_head_options(student.config)
         t_scale, t_cap = trl_head_options(teacher.config)
-        loss = fused_generalized_jsd_loss(
+        return fused_generalized_jsd_loss(
             student_hidden[:, :-1], s_head.weight, teacher_hidden[:, :-1].to(student_hidden.device), t_head.weight,
             inputs["labels"][:, 1:], beta=self.beta, num_items_in_batch=num_items_in_batch,
             student_bias=s_head.bias, teacher_bias=t_head.bias, logit_scale=s_scale, softcap=s_cap,
             teacher_logit_scale=t_scale, teacher_softcap=0.0 if t_cap is None else t_cap,
             chunk_size=self.fastdistill_chunk_size, backend=self.fastdistill_backend)
-        return (loss, {"loss": loss}) if return_outputs else loss
