@@ -101,6 +101,8 @@ def vocab_parallel_distill_loss(student_logits, teacher_logits, *, labels=None, 
     n_rows = math.prod(lead)
     scale = row_scale64(reduction, num_items, rows_labels, n_rows, ignore_index, student.device)
     opt = loss_options(divergence, beta, skew, temperature, soft_weight, hard_weight, scale_t2, ignore_index)
+    if not torch.is_grad_enabled():
+        student = student.detach()
     student_rows, teacher_rows = local_rows(student), local_rows(teacher.detach())
     detached = student_rows.detach()
 

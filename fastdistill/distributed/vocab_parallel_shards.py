@@ -76,23 +76,23 @@ def _resolve_group(sharded, group):
 
 
 def localize(sharded: list, replicated: list, group) -> tuple[VocabShards, list, list]:
-    """(VocabShards, local sharded tensors, local replicated tensors).
+    """(VocabShards, local sharded tensors, local replicated tensors), None where the input is None.
 
     sharded: (name, tensor or None, vocab dim) of the tensors split along the vocabulary; every one holds the
     same slice as the first on each rank. replicated: (name, tensor or None) of tensors every rank holds whole.
     DTensors become their local tensors through to_local(), which is differentiable: gradients come back as
     DTensors with the inputs' placements."""
-    sharded = [s for s in sharded if s[1] is not None]
-    for name, t in [s[:2] for s in sharded] + [r for r in replicated if r[1] is not None]:
+    present = [s for s in sharded if s[1] is not None]
+    for name, t in [s[:2] for s in present] + [r for r in replicated if r[1] is not None]:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    kinds = [is_dtensor(t) for _, t, _ in sharded]
+    kinds = [is_dtensor(t) for _, t, _ in present]
     if any(kinds) and not all(kinds):
-        plain, dt = sharded[kinds.index(False)][0], sharded[kinds.index(True)][0]
+        plain, dt = present[kinds.index(False)][0], present[kinds.index(True)][0]
         raise TypeError(f"{plain}: a plain tensor, but {dt} is a DTensor: pass every vocabulary-sharded tensor as a "
                         f"DTensor, or all of them as local slices with group=")
-    group, mesh = _resolve_group(sharded, group)
-    for name, t, dim in sharded:
+    group, mesh = _resolve_group(present, group)
+    for name, t, dim in present:
         if mesh is not None:
             _check_mesh(name, t, dim, mesh)
     local_replicated = []
@@ -103,20 +103,21 @@ def localize(sharded: list, replicated: list, group) -> tuple[VocabShards, list,
             _check_mesh(name, t, None, mesh)
             t = t.to_local()
         local_replicated.append(t)
-    local_sharded = [t.to_local() if mesh is not None else t for _, t, _ in sharded]
+    local_sharded = [t.to_local() if mesh is not None else t for _, t, _ in present]
     if not dist.is_initialized():
         raise RuntimeError("group: torch.distributed is not initialized")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    sizes = [t.shape[dim] if t.dim() else 0 for t, (_, _, dim) in zip(local_sharded, sharded)]
+    sizes = [t.shape[dim] if t.dim() else 0 for t, (_, _, dim) in zip(local_sharded, present)]
     table = torch.zeros(world, len(sizes), dtype=torch.int64, device=local_sharded[0].device)
     table[rank] = torch.tensor(sizes, dtype=torch.int64)
     dist.all_reduce(table, group=group)
     rows = table.tolist()
-    _check_table(sharded, rows, mesh is not None)
+    _check_table(present, rows, mesh is not None)
     own = [r[0] for r in rows]
     shards = VocabShards(group=group, rank=rank, world=world, vocab=sum(own), start=sum(own[:rank]),
                          local=own[rank], widest=max(own))
-    return shards, local_sharded, local_replicated
+    locals_iter = iter(local_sharded)
+    return shards, [None if s[1] is None else next(locals_iter) for s in sharded], local_replicated
 
 
 def _check_table(sharded, rows, dtensors: bool) -> None:

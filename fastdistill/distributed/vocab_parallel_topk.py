@@ -178,6 +178,8 @@ def vocab_parallel_topk_distill_loss(student_logits, teacher_topk_logprobs, teac
     rows_labels = row_labels(labels)
     scale = row_scale64(reduction, num_items, rows_labels, n_rows, ignore_index, student.device)
     opt = loss_options(divergence, beta, skew, temperature, soft_weight, hard_weight, scale_t2, ignore_index)
+    if not torch.is_grad_enabled():
+        student = student.detach()
     student_rows = local_rows(student)
     detached, lp_rows, id_rows = student_rows.detach(), local_rows(logprobs.detach()), local_rows(indices)
 

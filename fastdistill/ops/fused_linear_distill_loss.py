@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from fastdistill import dispatch
+from fastdistill.distributed.vocab_parallel_route import any_dtensor
 from fastdistill.ops.common import check_labels, check_number, row_labels, row_view
 from fastdistill.ops.distill_loss import loss_op
 from fastdistill.ops.loss_common import check_label_values, check_loss_options, resolve, row_scale
@@ -220,7 +221,8 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
                               teacher_softcap: Optional[float] = None, divergence: str = "kl", temperature: float = 1.0,
                               beta: float = 0.5, skew: float = 0.1, soft_weight: float = 1.0,
                               hard_weight: float = 0.0, scale_t2: bool = True, ignore_index: int = -100,
-                              reduction: str = "batchmean", num_items=None, backend: str = "auto") -> torch.Tensor:
+                              reduction: str = "batchmean", num_items=None, backend: str = "auto",
+                              group=None) -> torch.Tensor:
     """distill_loss(student_hidden @ student_weightᵀ + student_bias, teacher_hidden @ teacher_weightᵀ + ...)
     without materializing either [tokens, V] logits tensor.
 
@@ -234,7 +236,19 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     option means what it means in distill_loss. Gradients flow to the student's hidden states,
     weight and bias (whichever require grad; the weight and bias gradients are accumulated in float32
     and returned in their dtype); the teacher's tensors never receive gradients.
+    Heads sharded along the vocabulary (weights as DTensors placed Shard(0), or local rows with group=, a
+    ProcessGroup): see fastdistill.distributed.vocab_parallel_fused (docs/sharded.md).
     """
+    if group is not None or any_dtensor(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                        teacher_bias, labels):
+        from fastdistill.distributed.vocab_parallel_fused import vocab_parallel_fused_linear_distill_loss
+        return vocab_parallel_fused_linear_distill_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, labels=labels, chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap,
+            teacher_logit_scale=teacher_logit_scale, teacher_softcap=teacher_softcap, divergence=divergence,
+            temperature=temperature, beta=beta, skew=skew, soft_weight=soft_weight, hard_weight=hard_weight,
+            scale_t2=scale_t2, ignore_index=ignore_index, reduction=reduction, num_items=num_items, backend=backend,
+            group=group)
     _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels)
     check_fused_options(chunk_size, logit_scale, softcap, teacher_logit_scale, teacher_softcap)
     check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels,
