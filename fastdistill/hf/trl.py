@@ -23,9 +23,11 @@ TRL's `beta` (both trainers; `0 <= beta <= 1`) maps onto fastdistill's options e
 
 TRL's own conventions that these trainers keep: DistillationTrainer applies its `temperature` to the loss
 (and to sampling); GKDTrainer (TRL 1.16) samples with `temperature` but computes its loss at temperature 1.
-The per-model logit options are DistillationTrainer's reading of each config (`logit_scale`,
-`output_multiplier`, `lm_head_multiplier`, `logits_scaling`, `final_logit_softcapping`: `trl_head_options`)
-and become fastdistill's logit_scale / softcap / teacher_logit_scale / teacher_softcap.
+Per-model logit options become fastdistill's logit_scale / softcap / teacher_logit_scale / teacher_softcap:
+for DistillationTrainer as TRL reads them from each config (`trl_head_options`: `logit_scale`,
+`output_multiplier`, `lm_head_multiplier`, `logits_scaling`, `final_logit_softcapping`); for GKDTrainer,
+whose loss takes each model's own logits, from `fastdistill.hf.final_hidden_states` (the model's own
+post-processing, verified against its logits).
 """
 from __future__ import annotations
 
@@ -37,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from trl import DistillationTrainer
 from trl.experimental.gkd import GKDTrainer
-from trl.models.utils import _ForwardRedirection
 
 from fastdistill import fused_linear_distill_loss
+from fastdistill.hf.heads import final_hidden_states
 from fastdistill.ops.fused_linear_chunks import auto_chunk_size
 from fastdistill.ops.fused_linear_distill_loss import check_fused_options
 
@@ -189,11 +191,6 @@ def _check_fastdistill_options(backend, chunk_size) -> None:
     check_fused_options(chunk_size, 1.0, None)
 
 
-def _backbone_hidden(model, input_ids, attention_mask) -> torch.Tensor:
-    """Final hidden states of a *ForCausalLM (its backbone, as TRL's DistillationTrainer runs it)."""
-    return model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
-
 class FastDistillDistillationTrainer(DistillationTrainer):
     """trl.DistillationTrainer whose loss is fastdistill's fused linear loss (see the module docstring).
     Extra keyword arguments: backend="auto", chunk_size=None, log_entropy=True."""
@@ -244,39 +241,33 @@ class FastDistillDistillationTrainer(DistillationTrainer):
 class FastDistillGKDTrainer(GKDTrainer):
     """trl.experimental.gkd.GKDTrainer whose loss is fastdistill's fused linear loss (see the module
     docstring): the same causal shift, -100 label mask, beta and num_items_in_batch, loss at temperature 1
-    as TRL 1.16's. Extra keyword arguments: backend="auto", chunk_size=None. compute_loss(...,
-    return_outputs=True) returns {"loss": loss} as the outputs: there are no logits to return."""
+    as TRL 1.16's. The hidden states and head options come from fastdistill.hf.final_hidden_states (each
+    model's own forward and its own logit post-processing, as GKDTrainer's logits). Extra keyword arguments:
+    backend="auto", chunk_size=None. compute_loss(..., return_outputs=True) returns {"loss": loss} as the
+    outputs: there are no logits to return."""
 
     def __init__(self, *args, backend: str = "auto", chunk_size: Optional[int] = None, **kwargs):
         _check_fastdistill_options(backend, chunk_size)
         self.fastdistill_backend, self.fastdistill_chunk_size = backend, chunk_size
-        self._forward_redirection = _ForwardRedirection()
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # TRL runs both models' forward (lm_head included) under the autocast accelerate wraps around each
-        # model's forward (bf16=True: bf16 autocast); the redirected calls below skip that wrapper, so it is
-        # entered here and the loss's compute dtype follows it (_compute_dtype).
+        # TRL computes the logits inside each model's forward, under the autocast that accelerate wraps around
+        # it (bf16=True: bf16 autocast): the loss runs under the same autocast, so its compute dtype matches.
         with self.accelerator.autocast():
             loss = self._fused_loss(model, inputs, num_items_in_batch)
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def _fused_loss(self, model, inputs, num_items_in_batch):
-        student = self.accelerator.unwrap_model(model)
-        # Through the wrapper's forward, so DDP/FSDP see a forward (as TRL's DistillationTrainer does).
-        student_hidden = self._forward_redirection(model, student, _backbone_hidden, student, inputs["input_ids"],
-                                                   inputs["attention_mask"])
+        batch = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        student_hidden, s_head = final_hidden_states(model, **batch)
         self.teacher_model.eval()
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
-            teacher_hidden = self._forward_redirection(self.teacher_model, teacher, _backbone_hidden, teacher,
-                                                       inputs["input_ids"], inputs["attention_mask"])
-        s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
-        s_scale, s_cap = trl_head_options(student.config)
-        t_scale, t_cap = trl_head_options(teacher.config)
+            teacher_hidden, t_head = final_hidden_states(self.teacher_model, **batch)
         return fused_generalized_jsd_loss(
             student_hidden[:, :-1], s_head.weight, teacher_hidden[:, :-1].to(student_hidden.device), t_head.weight,
             inputs["labels"][:, 1:], beta=self.beta, num_items_in_batch=num_items_in_batch,
-            student_bias=s_head.bias, teacher_bias=t_head.bias, logit_scale=s_scale, softcap=s_cap,
-            teacher_logit_scale=t_scale, teacher_softcap=0.0 if t_cap is None else t_cap,
+            student_bias=s_head.bias, teacher_bias=t_head.bias, logit_scale=s_head.logit_scale,
+            softcap=s_head.softcap, teacher_logit_scale=t_head.logit_scale,
+            teacher_softcap=0.0 if t_head.softcap is None else t_head.softcap,
             chunk_size=self.fastdistill_chunk_size, backend=self.fastdistill_backend)

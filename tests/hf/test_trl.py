@@ -256,3 +256,26 @@ def test_gkd_trainer_trains_and_evaluates_like_trl(bf16, tmp_path):
     trl_params = dict(runs["trl"][0].model.named_parameters())
     for name, p in runs["ours"][0].model.named_parameters():
         torch.testing.assert_close(p, trl_params[name], rtol=rel, atol=1e-3 if bf16 else 1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4])
+def test_gkd_compute_loss_with_heads_that_differ(beta, tmp_path):
+    """A Cohere student (logit_scale 3) and a Gemma-2 teacher (final_logit_softcapping 0.5), which GKDTrainer
+    sees through their own logits: loss and student gradients equal TRL's compute_loss on one batch."""
+    from hf.tiny_models import batch, tiny_cohere, tiny_gemma2
+
+    ours = _gkd_trainer(FastDistillGKDTrainer, tmp_path, False, backend="cpu")
+    theirs = _gkd_trainer(GKDTrainer, tmp_path, False)
+    for trainer in (ours, theirs):
+        trainer.model, trainer.teacher_model, trainer.beta = tiny_cohere(V, seed=0), tiny_gemma2(V, seed=1), beta
+    theirs.model.load_state_dict(ours.model.state_dict())
+    theirs.teacher_model.load_state_dict(ours.teacher_model.state_dict())
+    ids, mask = batch(V)
+    labels = torch.where(mask.bool(), ids, -100)
+    labels[0, :4] = -100  # a prompt
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    a, b = ours.compute_loss(ours.model, inputs), theirs.compute_loss(theirs.model, inputs)
+    assert a.item() > 0.01  # the capped teacher is near uniform, the scaled student is not
+    torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+    for mine, trl_grad in zip(_grads(a, list(ours.model.parameters())), _grads(b, list(theirs.model.parameters()))):
+        torch.testing.assert_close(mine, trl_grad, rtol=1e-4, atol=1e-6)
