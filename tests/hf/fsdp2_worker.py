@@ -8,11 +8,18 @@ import sys
 import torch
 import torch.distributed as dist
 
+import fastdistill  # noqa: F401  (first, to check what it imports)
+
+IMPORTS = {"fastdistill": [m for m in ("transformers", "trl", "accelerate") if m in sys.modules]}
+import fastdistill.hf  # noqa: E402
+
+IMPORTS["fastdistill.hf"] = [m for m in ("transformers", "trl", "accelerate") if m in sys.modules]
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf.tiny_models import batch, tiny_gpt2, tiny_llama  # noqa: E402
 
-from fastdistill.hf import causal_lm_distill_loss, shift_labels  # noqa: E402
+from fastdistill.hf import causal_lm_distill_loss, final_hidden_states, shift_labels  # noqa: E402
 
 STEPS, BATCH = 3, 4
 
@@ -56,6 +63,12 @@ def _train(case, teacher, rank, world):
         if sharded:
             rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
             ids, mask = ids[rows], mask[rows]
+        if sharded and step == 0 and case != "ddp":
+            try:  # outside its forward the sharded head weight is unusable: refused, not a wrong loss
+                final_hidden_states(student, input_ids=ids, attention_mask=mask)
+                raise AssertionError("final_hidden_states accepted an FSDP2 student outside its forward")
+            except ValueError as e:
+                assert " is sharded with fully_shard and its head weight is only unsharded" in str(e), e
         loss = causal_lm_distill_loss(student, teacher, ids, mask, num_items=num_items)
         # each rank's loss is its share of the global mean; DDP/FSDP average the gradients over ranks
         (loss * (world if sharded else 1)).backward()
@@ -73,7 +86,7 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    report = {}
+    report = {"imports": IMPORTS}
     cases = sys.argv[2].split(",") if len(sys.argv) > 2 else ("layers", "head_unit", "tied", "ddp", "sharded_teacher")
     for case in cases:
         teacher = tiny_llama(seed=7, hidden_size=48)

@@ -2,7 +2,8 @@
 losses and weights after 3 AdamW steps (one torchrun launch runs every case: tests/hf/fsdp2_worker.py).
 
 Cases: fully_shard per decoder layer + root; the lm_head as its own fully_shard unit; GPT-2 with the
-head tied to the embedding; DDP; and a teacher sharded with fully_shard too."""
+head tied to the embedding; DDP; and a teacher sharded with fully_shard too. The worker also checks that
+final_hidden_states refuses an FSDP2 model outside its forward, and what the imports import."""
 import json
 import os
 import subprocess
@@ -26,6 +27,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads(report.read_text())
+    # `import fastdistill` and `import fastdistill.hf` (checked first thing in a fresh process) import
+    # none of transformers, trl, accelerate
+    assert result.pop("imports") == {"fastdistill": [], "fastdistill.hf": []}
     assert sorted(result) == sorted(CASES)
     for case, r in result.items():
         assert len(r["losses"]) == 3 and all(x > 0 for x in r["losses"]), case
