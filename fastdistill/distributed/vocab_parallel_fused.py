@@ -39,8 +39,9 @@ def run_vocab_chunks(tensors, shards: VocabShards, opt: LossOptions, heads, chun
     for i in range(0, n, chunk):
         h = sh[i:i + chunk]
         part_labels = None if labels is None else labels[i:i + chunk]
-        if part_labels is not None:  # ignored rows may hold anything (NaN padding): 0 · NaN would leak into grads
-            h = h.masked_fill((part_labels == opt.ignore_index).unsqueeze(-1), 0)
+        ignored = None if part_labels is None else (part_labels == opt.ignore_index).unsqueeze(-1)
+        if ignored is not None:  # ignored rows may hold anything (NaN padding): 0 · NaN would leak into grads
+            h = h.masked_fill(ignored, 0)
         s = _transform_(student.logits(h), logit_scale, softcap)
         with torch.no_grad():
             t = _transform_(teacher.logits(th[i:i + chunk]), teacher_logit_scale, teacher_softcap)
@@ -53,7 +54,9 @@ def run_vocab_chunks(tensors, shards: VocabShards, opt: LossOptions, heads, chun
         _chain_(g, s, logit_scale, softcap)
         if grad_hidden is not None:
             w = sw if student.mixed else student.w
-            grad_hidden[i:i + chunk] = torch.mm(g.to(w.dtype), w, out_dtype=dtype) if student.mixed else g @ w
+            gh = torch.mm(g.to(w.dtype), w, out_dtype=dtype) if student.mixed else g @ w
+            # exact zeros on ignored rows, also when the weight holds NaN (0 · NaN)
+            grad_hidden[i:i + chunk] = gh if ignored is None else gh.masked_fill(ignored, 0)
         if grad_weight is not None:
             student.accumulate_grad_weight(grad_weight, g, h)
         if grad_bias is not None:

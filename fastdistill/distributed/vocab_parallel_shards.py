@@ -62,6 +62,7 @@ def _resolve_group(sharded, group):
     if group is not None:
         _check_group(group)
     if is_dtensor(first):
+        _check_mesh(first_name, first, sharded[0][2], None)
         mesh = first.device_mesh
         mesh_group = mesh.get_group()
         if group is not None:
@@ -121,9 +122,14 @@ def localize(sharded: list, replicated: list, group) -> tuple[VocabShards, list,
 
 
 def _check_table(sharded, rows, dtensors: bool) -> None:
-    """The same verdict on every rank: each tensor holds the first one's slice, and DTensors' slices add up to
+    """The same verdict on every rank: no rank holds an empty slice (the single-process checks refuse V = 0
+    and would raise on that rank alone), each tensor holds the first one's slice, and DTensors' slices add up to
     their global V."""
     first = sharded[0][0]
+    for rank, row in enumerate(rows):
+        if row[0] == 0:
+            raise ValueError(f"{first}: rank {rank} holds no vocabulary entries (V = {sum(r[0] for r in rows)} over "
+                             f"{len(rows)} ranks): every rank needs a non-empty slice")
     for i, (name, t, dim) in enumerate(sharded):
         for rank, row in enumerate(rows):
             if row[i] != row[0]:
