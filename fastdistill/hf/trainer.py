@@ -24,6 +24,7 @@ or model parallelism); its dtype is never changed (a bf16 teacher for an fp32 st
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -117,8 +118,8 @@ class DistillationTrainer(Trainer):
                 batch_samples.append(next(epoch_iterator))
             except StopIteration:
                 break
-        if not batch_samples or not all(isinstance(b, dict) and "input_ids" in b for b in batch_samples):
-            return batch_samples, None
+        if not batch_samples or not all(isinstance(b, Mapping) and "input_ids" in b for b in batch_samples):
+            return batch_samples, None  # compute_loss raises on a batch without input_ids
         count = sum(self._target_count(b).to(device) for b in batch_samples)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             count = self.accelerator.gather(count.reshape(1)).sum()
