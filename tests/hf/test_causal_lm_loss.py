@@ -5,7 +5,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from hf.tiny_models import batch, tiny_cohere, tiny_gemma2, tiny_gpt2, tiny_granite, tiny_llama, tiny_qwen3  # noqa: E402
+from hf.tiny_models import (batch, tiny_cohere, tiny_gemma2, tiny_gpt2, tiny_granite, tiny_llama,  # noqa: E402
+                            tiny_qwen3)
 
 import fastdistill  # noqa: E402
 from fastdistill.hf import causal_lm_distill_loss  # noqa: E402
