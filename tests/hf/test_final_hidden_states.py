@@ -119,3 +119,12 @@ def test_logits_options_of_inputs_are_refused():
 
 def test_gemma2_cap_is_read_from_config():
     assert logit_options(tiny_gemma2(softcap=7.0)) == (1.0, 7.0)
+
+
+def test_distillation_trainer_is_imported_lazily():
+    import fastdistill.hf as hf
+
+    assert hf.DistillationTrainer.__name__ == "DistillationTrainer"
+    assert hf.DistillationTrainer.__module__ == "fastdistill.hf.trainer"
+    with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
+        hf.Nope

@@ -34,3 +34,62 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for case, r in result.items():
         assert len(r["losses"]) == 3 and all(x > 0 for x in r["losses"]), case
         assert r["max_weight_change"] > 1e-3, case
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of one process in this process, so that DDP and fully_shard can wrap modules here."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+def _linear():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3)
+
+
+def test_run_in_forward_plain_module_calls_fn_without_hooks():
+    import torch
+
+    from fastdistill.distributed import run_in_forward
+    from fastdistill.distributed.forward import in_forward
+
+    lin = _linear()
+    lin.register_forward_hook(lambda m, i, o: o * 0)  # would zero the result if fn ran as the forward
+    x = torch.ones(2, 4)
+    out = run_in_forward(lin, lambda a, k=1: (in_forward(lin), a.sum() * k), x, k=3)
+    assert out == (False, x.sum() * 3)
+
+
+def test_run_in_forward_ddp_and_fsdp_restore_forward(one_rank_group):
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from fastdistill.distributed import run_in_forward
+    from fastdistill.distributed.forward import in_forward
+
+    lin = _linear()
+    own = lin.forward  # an instance-level forward (as accelerate installs) is put back as it was
+    lin.forward = own
+    ddp = torch.nn.parallel.DistributedDataParallel(lin)
+    assert run_in_forward(ddp, lambda x: (in_forward(ddp), in_forward(lin), lin.forward(x).shape), torch.ones(2, 4)) \
+        == (True, True, (2, 3))
+    assert lin.__dict__["forward"] is own and not in_forward(ddp)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_in_forward(ddp, lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert lin.__dict__["forward"] is own
+
+    sharded = fully_shard(_linear(), mesh=init_device_mesh("cpu", (1,)), reshard_after_forward=True)
+    sharded(torch.ones(1, 4))  # root lazy init; afterwards the weight is the sharded DTensor again
+    weight_type = run_in_forward(sharded, lambda x: type(sharded.weight), torch.ones(1, 4))
+    assert weight_type is torch.nn.Parameter and isinstance(sharded.weight, DTensor)
+    assert "forward" not in sharded.__dict__
