@@ -279,3 +279,13 @@ def test_gkd_compute_loss_with_heads_that_differ(beta, tmp_path):
     torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
     for mine, trl_grad in zip(_grads(a, list(ours.model.parameters())), _grads(b, list(theirs.model.parameters()))):
         torch.testing.assert_close(mine, trl_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fully_masked_batch_is_an_exact_zero():
+    """A rank whose completions are all masked (TRL: 0 / clamp(0, min=1)): zero loss and gradients, no NaN."""
+    hs, ws = torch.randn(2, 3, 8, requires_grad=True), torch.randn(V, 8, requires_grad=True)
+    loss, entropy, n = fused_chunked_divergence_loss(hs, torch.randn(2, 3, 8), ws, torch.randn(V, 8),
+                                                     torch.zeros(2, 3), 0.5, backend="cpu")
+    loss.backward()
+    assert loss.item() == 0.0 and entropy.item() == 0.0 and int(n) == 0
+    assert not hs.grad.any() and not ws.grad.any()
