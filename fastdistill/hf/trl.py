@@ -127,6 +127,9 @@ def fused_chunked_divergence_loss(student_hidden_states, teacher_hidden_states, 
     sum of the per-token divergence over positions where completion_mask != 0, divided by
     num_items_in_batch (or by the valid count, at least 1). The entropy sum is NaN when log_entropy=False."""
     check_fused_options(chunk_size, 1.0, None)
+    if tuple(completion_mask.shape) != tuple(student_hidden_states.shape[:-1]):
+        raise ValueError(f"completion_mask: shape {tuple(completion_mask.shape)} does not match the hidden states' "
+                         f"leading shape {tuple(student_hidden_states.shape[:-1])} (one entry per position)")
     valid = completion_mask.reshape(-1) != 0
     n_valid = valid.sum()
     # Only the valid rows are projected (TRL does the same on Triton devices).

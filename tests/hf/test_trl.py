@@ -139,6 +139,8 @@ def test_bad_input_names_the_argument():
         fused_chunked_divergence_loss(h, h, w, w, torch.ones(2, 3), 0.5, chunk_size=0)
     with pytest.raises(ValueError, match="^beta:"):
         fused_chunked_divergence_loss(h, h, w, w, torch.ones(2, 3), 1.5)
+    with pytest.raises(ValueError, match="^completion_mask:"):
+        fused_chunked_divergence_loss(h, h, w, w, torch.ones(2, 4), 0.5)
     with pytest.raises(TypeError, match="^backend:"):
         FastDistillDistillationTrainer(model=None, backend=None)
     with pytest.raises(ValueError, match="^chunk_size:"):
