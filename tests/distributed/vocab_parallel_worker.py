@@ -176,6 +176,40 @@ def case_fused(env, mode, divergence, opts, heads, replicated_hidden=False, nan=
     close("grad bias", local_grad(bias), full[2].grad[env.slice_of(mode)], equal_nan=nan)
 
 
+def case_colwise_head(env, fused: bool):
+    """What users run: nn.Linear heads parallelized by torch's ColwiseParallel (weight Shard(0), logits
+    Shard(-1)); the student head's weight gradient after backward equals one process's slice."""
+    from torch import nn
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from fastdistill import distill_loss, fused_linear_distill_loss
+    from fastdistill.reference.distill_loss import distill_loss_ref
+
+    sh, sw, sb, th, tw, tb, labels = fused_inputs(6)
+    sh[1, 4] = 0.0  # nn.Linear computes every row: no NaN padding here
+    heads = []
+    for w, b in ((sw, sb), (tw, tb)):
+        head = nn.Linear(w.shape[1], V, dtype=torch.float64)
+        with torch.no_grad():
+            head.weight.copy_(w)
+            head.bias.copy_(b)
+        heads.append(parallelize_module(head, env.mesh, ColwiseParallel(use_local_output=False)))
+    student, teacher = heads
+    full = sw.clone().requires_grad_()
+    want = distill_loss_ref(sh @ full.t() + sb, th @ tw.t() + tb, labels, divergence="jsd", hard_weight=0.4)
+    want.backward()
+    if fused:
+        got = fused_linear_distill_loss(sh, student.weight, th, teacher.weight, student_bias=student.bias,
+                                        teacher_bias=teacher.bias, labels=labels, divergence="jsd", hard_weight=0.4)
+    else:
+        with torch.no_grad():
+            t_logits = teacher(th)
+        got = distill_loss(student(sh), t_logits, labels=labels, divergence="jsd", hard_weight=0.4)
+    got.backward()
+    close("loss", got, want)
+    close("grad weight", student.weight.grad.to_local(), full.grad[env.slice_of("dtensor")])
+
+
 HEADS = [dict(logit_scale=0.7, softcap=30.0, teacher_softcap=0.0), dict(teacher_logit_scale=1.3)]
 
 
@@ -200,6 +234,8 @@ def good_cases(env):
         cases[f"nan/{mode}/distill"] = lambda m=mode: case_distill(env, m, "jsd", nan_opts, nan=True)
         cases[f"nan/{mode}/topk"] = lambda m=mode: case_topk(env, m, "kl", "bucket", nan_opts, nan=True)
         cases[f"nan/{mode}/fused"] = lambda m=mode: case_fused(env, m, "kl", nan_opts, HEADS[0], nan=True)
+    cases["tp/colwise/distill"] = lambda: case_colwise_head(env, fused=False)
+    cases["tp/colwise/fused"] = lambda: case_colwise_head(env, fused=True)
     return cases
 
 
