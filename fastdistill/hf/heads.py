@@ -57,6 +57,7 @@ IGNORED = {
     "mlp_gate_softcap", "lsd_time_logit_std", "lsd_time_logit_mean", "moe_router_logit_softcapping",
     "conf_attention_logit_cap", "attention_logit_cap", "attention_invalid_logits_value",
     "average_logits_per_cell", "mup_enabled", "logits_mup_width_multiplier", "router_logit_softcapping",
+    "gate_soft_cap",
 }
 SUSPECT = re.compile(r"logit|soft_?cap|output_mult|lm_head_mult|mup")
 
@@ -82,44 +83,48 @@ def output_head(model: nn.Module, who: str = "model") -> nn.Linear:
 def _config_items(config) -> list[tuple[str, object]]:
     """(name, value) of the config and its text sub-config (composite models keep options there)."""
     items = dict(config.to_dict())
-    sub = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        sub = config.get_text_config(decoder=True)
+    except (AttributeError, TypeError, ValueError):  # no such method, or several text configs
+        sub = config
     if sub is not config:
         items.update(sub.to_dict())
     return [(k, v) for k, v in items.items() if not isinstance(v, dict)]
 
 
-def logit_options(model: nn.Module) -> tuple[float, Optional[float]]:
-    """(logit_scale, softcap) that `model` applies after its head, from its config; raises on config
-    attributes that may change the logits and are not in HANDLED."""
-    model = unwrap(model)
-    if model in _OPTIONS:
-        return _OPTIONS[model]
-    config = getattr(model, "config", None)
-    scale, softcap = 1.0, None
-    if config is not None:
-        rules = {**HANDLED, **MODEL_TYPE_RULES.get(getattr(config, "model_type", None), {})}
-        unknown = []
-        for key, value in _config_items(config):
-            if value is None or value is False or key in IGNORED or not SUSPECT.search(key):
-                continue
-            kind = rules.get(key)
-            if kind is None:
-                unknown.append(f"{key}={value!r}")
-            elif kind == "softcap":
-                softcap = float(value)
-            elif kind == "multiply":
-                scale *= float(value)
-            elif kind == "divide":
-                scale /= float(value)
-        if unknown:
-            raise ValueError(f"model: {type(model).__name__}'s config has {', '.join(unknown)}, which may change its "
-                             f"logits in a way fastdistill does not know (it handles {', '.join(sorted(HANDLED))}); "
-                             f"refusing rather than computing a wrong loss")
-        if not (math.isfinite(scale) and scale > 0) or (softcap is not None and not softcap > 0):
-            raise ValueError(f"model: logit scale {scale} and softcap {softcap} from {type(model).__name__}'s config "
-                             f"must be positive")
-    _OPTIONS[model] = (scale, softcap)
+def config_logit_options(config, name: str = "model") -> tuple[float, Optional[float]]:
+    """(logit_scale, softcap) that a model with this config applies after its head; raises on config
+    attributes that may change the logits and are not in HANDLED (`name` names the model in errors)."""
+    rules = {**HANDLED, **MODEL_TYPE_RULES.get(getattr(config, "model_type", None), {})}
+    scale, softcap, unknown = 1.0, None, []
+    for key, value in _config_items(config):
+        if value is None or value is False or key in IGNORED or not SUSPECT.search(key):
+            continue
+        kind = rules.get(key)
+        if kind is None:
+            unknown.append(f"{key}={value!r}")
+        elif kind == "softcap":
+            softcap = float(value)
+        elif kind == "multiply":
+            scale *= float(value)
+        elif kind == "divide":
+            scale /= float(value)
+    if unknown:
+        raise ValueError(f"model: {name}'s config has {', '.join(unknown)}, which may change its logits in a way "
+                         f"fastdistill does not know (it handles {', '.join(sorted(HANDLED))}); refusing rather "
+                         f"than computing a wrong loss")
+    if not (math.isfinite(scale) and scale > 0) or (softcap is not None and not softcap > 0):
+        raise ValueError(f"model: logit scale {scale} and softcap {softcap} from {name}'s config must be positive")
     return scale, softcap
+
+
+def logit_options(model: nn.Module) -> tuple[float, Optional[float]]:
+    """config_logit_options of the model's config (1.0, None without one), cached per model."""
+    model = unwrap(model)
+    if model not in _OPTIONS:
+        config = getattr(model, "config", None)
+        _OPTIONS[model] = (1.0, None) if config is None else config_logit_options(config, type(model).__name__)
+    return _OPTIONS[model]
 
 
 def apply_logit_options(logits: torch.Tensor, logit_scale: float, softcap: Optional[float]) -> torch.Tensor:

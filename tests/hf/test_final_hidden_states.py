@@ -128,3 +128,30 @@ def test_distillation_trainer_is_imported_lazily():
     assert hf.DistillationTrainer.__module__ == "fastdistill.hf.trainer"
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         hf.Nope
+
+
+@pytest.mark.slow
+def test_every_causal_lm_config_of_transformers_is_known():
+    """Default configs of all transformers causal LMs pass the allow-list (guards IGNORED/HANDLED when
+    transformers adds attributes), and the families get the rule their forwards apply."""
+    import warnings
+
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from fastdistill.hf.heads import config_logit_options
+
+    seen = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            try:
+                config = CONFIG_MAPPING[model_type]()
+            except Exception:  # a config that cannot be built with defaults
+                continue
+            seen[model_type] = config_logit_options(config, model_type)
+    assert len(seen) > 150
+    assert seen["llama"] == (1.0, None) and seen["gemma2"][1] == 30.0
+    assert seen["granite"][0] == 1.0 / CONFIG_MAPPING["granite"]().logits_scaling
+    assert seen["hyperclovax"][0] == CONFIG_MAPPING["hyperclovax"]().logits_scaling
+    assert seen["cohere"][0] == CONFIG_MAPPING["cohere"]().logit_scale
