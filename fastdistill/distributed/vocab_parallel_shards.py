@@ -44,9 +44,9 @@ def _check_mesh(name: str, t, dim: int, mesh) -> None:
     placement = t.placements[0]
     if dim is None:
         if not placement.is_replicate():
-            raise ValueError(f"{name}: expected a replicated DTensor (placement Replicate()), got {placement}")
+            raise ValueError(f"{name}: expected a replicated DTensor (placement Replicate()), got {placement!r}")
     elif not (placement.is_shard() and placement.dim % t.dim() == dim % t.dim()):
-        raise ValueError(f"{name}: expected placement Shard({dim}) (sharded along the vocabulary), got {placement}")
+        raise ValueError(f"{name}: expected placement Shard({dim}) (sharded along the vocabulary), got {placement!r}")
 
 
 def _check_group(group) -> None:

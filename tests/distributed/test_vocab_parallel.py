@@ -73,3 +73,7 @@ def test_bad_input_raises_on_every_rank(results):
 
 def test_colwise_parallel_heads(results):
     _check(results, "tp/", 2)
+
+
+def test_float32_and_bfloat16_inputs(results):
+    _check(results, "lowp/", 4)

@@ -79,8 +79,14 @@ def local_grad(leaf, placement_type=None):
     return leaf.grad
 
 
+# float64 inputs: float64 end to end; lower precision vs the float64 reference of the same rounded inputs
+TOLERANCES = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6), torch.bfloat16: (2e-2, 2e-3)}
+
+
 def close(name, got, want, equal_nan=False):
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, equal_nan=equal_nan, msg=lambda m: f"{name}: {m}")
+    rtol, atol = TOLERANCES[got.dtype]
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol, equal_nan=equal_nan,
+                               msg=lambda m: f"{name}: {m}")
 
 
 def upstream(loss: torch.Tensor) -> torch.Tensor:
@@ -105,13 +111,13 @@ def logits_inputs(seed: int, nan: bool, masked: bool):
     return z, y, labels
 
 
-def case_distill(env, mode, divergence, opts, nan=False):
+def case_distill(env, mode, divergence, opts, nan=False, dtype=torch.float64):
     from fastdistill import distill_loss
     from fastdistill.reference.distill_loss import distill_loss_ref
 
-    z, y, labels = logits_inputs(1, nan, masked=divergence != "mse")
-    full = z.clone().requires_grad_()
-    want = distill_loss_ref(full, y, labels, divergence=divergence, **opts)
+    z, y, labels = (t.to(dtype) if t.is_floating_point() else t for t in logits_inputs(1, nan, divergence != "mse"))
+    full = z.to(torch.float64, copy=True).requires_grad_()
+    want = distill_loss_ref(full, y.double(), labels, divergence=divergence, **opts)
     (want * upstream(want)).sum().backward()
     leaf = env.shard(mode, z, -1, grad=True)
     got = distill_loss(leaf, env.shard(mode, y, -1), labels=labels, divergence=divergence, **opts,
@@ -121,7 +127,7 @@ def case_distill(env, mode, divergence, opts, nan=False):
     close("grad", local_grad(leaf), full.grad[..., env.slice_of(mode)], equal_nan=nan)
 
 
-def case_topk(env, mode, divergence, tail, opts, nan=False):
+def case_topk(env, mode, divergence, tail, opts, nan=False, dtype=torch.float64):
     from fastdistill import topk_distill_loss
     from fastdistill.reference.topk_distill_loss import topk_distill_loss_ref
 
@@ -130,8 +136,9 @@ def case_topk(env, mode, divergence, tail, opts, nan=False):
     z[0, 4, y[0, 4].argmin()] = -math.inf  # a masked student token outside the top k
     if nan:
         ids[1, 1, 0] = V  # an id outside [0, V): a NaN row on every rank too
-    full = z.clone().requires_grad_()
-    want = topk_distill_loss_ref(full, lp, ids, labels, tail=tail, divergence=divergence, **opts)
+    z, lp = z.to(dtype), lp.to(dtype)
+    full = z.to(torch.float64, copy=True).requires_grad_()
+    want = topk_distill_loss_ref(full, lp.double(), ids, labels, tail=tail, divergence=divergence, **opts)
     (want * upstream(want)).sum().backward()
     leaf = env.shard(mode, z, -1, grad=True)
     got = topk_distill_loss(leaf, lp, ids, tail=tail, labels=labels, divergence=divergence, **opts,
@@ -153,15 +160,17 @@ def fused_inputs(seed: int):
     return sh, sw, sb, th, tw, tb, labels
 
 
-def case_fused(env, mode, divergence, opts, heads, replicated_hidden=False, nan=False):
+def case_fused(env, mode, divergence, opts, heads, replicated_hidden=False, nan=False, dtype=torch.float64):
     from fastdistill import fused_linear_distill_loss
     from fastdistill.reference.fused_linear_distill_loss import fused_linear_distill_loss_ref
 
     sh, sw, sb, th, tw, tb, labels = fused_inputs(3)
     if nan:
         sw[1100, 0] = math.nan  # a weight row on rank 1: NaN logits in every valid row, on every rank
-    full = [t.clone().requires_grad_() for t in (sh, sw, sb)]
-    want = fused_linear_distill_loss_ref(full[0], full[1], th, tw, student_bias=full[2], teacher_bias=tb,
+    sh, sw, sb, th, tw, tb = (t.to(dtype) for t in (sh, sw, sb, th, tw, tb))
+    full = [t.to(torch.float64, copy=True).requires_grad_() for t in (sh, sw, sb)]
+    want = fused_linear_distill_loss_ref(full[0], full[1], th.double(), tw.double(), student_bias=full[2],
+                                         teacher_bias=tb.double(),
                                          labels=labels, divergence=divergence, **opts, **heads)
     (want * upstream(want)).sum().backward()
     hidden = env.replicate(sh, grad=True) if replicated_hidden else sh.clone().requires_grad_()
@@ -234,6 +243,12 @@ def good_cases(env):
         cases[f"nan/{mode}/distill"] = lambda m=mode: case_distill(env, m, "jsd", nan_opts, nan=True)
         cases[f"nan/{mode}/topk"] = lambda m=mode: case_topk(env, m, "kl", "bucket", nan_opts, nan=True)
         cases[f"nan/{mode}/fused"] = lambda m=mode: case_fused(env, m, "kl", nan_opts, HEADS[0], nan=True)
+    low = dict(OPTIONS["A"], reduction="none")
+    cases["lowp/distill/float32"] = lambda: case_distill(env, "group", "jsd", low, dtype=torch.float32)
+    cases["lowp/topk/float32"] = lambda: case_topk(env, "dtensor", "kl", "bucket", low, dtype=torch.float32)
+    cases["lowp/fused/float32"] = lambda: case_fused(env, "group", "kl", low, HEADS[0], dtype=torch.float32)
+    cases["lowp/fused/bfloat16"] = lambda: case_fused(env, "dtensor", "kl", OPTIONS["A"], HEADS[1],
+                                                      dtype=torch.bfloat16)
     cases["tp/colwise/distill"] = lambda: case_colwise_head(env, fused=False)
     cases["tp/colwise/fused"] = lambda: case_colwise_head(env, fused=True)
     return cases
