@@ -13,12 +13,15 @@ class DistillLoss(nn.Module):
 
     Options are those of fastdistill.distill_loss (divergence, temperature, beta, skew, soft_weight,
     hard_weight, scale_t2, ignore_index, reduction, num_items, backend) and are checked here, once.
+    group: the ProcessGroup of vocabulary-parallel local slices (docs/sharded.md); DTensor logits need none.
     """
 
     def __init__(self, *, divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                  soft_weight: float = 1.0, hard_weight: float = 0.0, scale_t2: bool = True,
-                 ignore_index: int = -100, reduction: str = "batchmean", num_items=None, backend: str = "auto"):
+                 ignore_index: int = -100, reduction: str = "batchmean", num_items=None, backend: str = "auto",
+                 group=None):
         super().__init__()
+        self.group = group  # vocabulary-parallel local slices (docs/sharded.md); kept out of self.options
         # labels=... stands in for "labels will be given" so that hard_weight is checked without them.
         check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, ...,
                            ignore_index)
@@ -28,7 +31,7 @@ class DistillLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
-        return distill_loss(student_logits, teacher_logits, labels=labels, **self.options)
+        return distill_loss(student_logits, teacher_logits, labels=labels, group=self.group, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items() if k != "num_items" or v is not None)

@@ -77,3 +77,7 @@ def test_colwise_parallel_heads(results):
 
 def test_float32_and_bfloat16_inputs(results):
     _check(results, "lowp/", 4)
+
+
+def test_modules_take_group(results):
+    _check(results, "module/", 2)

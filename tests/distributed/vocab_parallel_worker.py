@@ -219,6 +219,32 @@ def case_colwise_head(env, fused: bool):
     close("grad weight", student.weight.grad.to_local(), full.grad[env.slice_of("dtensor")])
 
 
+def case_module(env, fused: bool):
+    """DistillLoss / FusedLinearDistillLoss(group=...) on local slices equal the functions on one process."""
+    from fastdistill import DistillLoss, FusedLinearDistillLoss
+    from fastdistill.reference.distill_loss import distill_loss_ref
+    from fastdistill.reference.fused_linear_distill_loss import fused_linear_distill_loss_ref
+
+    part = env.slice_of("group")
+    opts = dict(divergence="tvd", temperature=2.0, hard_weight=0.2)
+    if fused:
+        sh, sw, _, th, tw, _, labels = fused_inputs(7)
+        full = sw.clone().requires_grad_()
+        want = fused_linear_distill_loss_ref(sh, full, th, tw, labels=labels, **opts)
+        leaf = sw[part].clone().requires_grad_()
+        got = FusedLinearDistillLoss(group=env.group, **opts)(sh, leaf, th, tw[part], labels)
+    else:
+        z, y, labels = logits_inputs(8, nan=False, masked=True)
+        full = z.clone().requires_grad_()
+        want = distill_loss_ref(full, y, labels, **opts)
+        leaf = z[..., part].clone().requires_grad_()
+        got = DistillLoss(group=env.group, **opts)(leaf, y[..., part], labels)
+    want.backward()
+    got.backward()
+    close("loss", got, want)
+    close("grad", leaf.grad, full.grad[part] if fused else full.grad[..., part])
+
+
 HEADS = [dict(logit_scale=0.7, softcap=30.0, teacher_softcap=0.0), dict(teacher_logit_scale=1.3)]
 
 
@@ -249,6 +275,8 @@ def good_cases(env):
     cases["lowp/fused/float32"] = lambda: case_fused(env, "group", "kl", low, HEADS[0], dtype=torch.float32)
     cases["lowp/fused/bfloat16"] = lambda: case_fused(env, "dtensor", "kl", OPTIONS["A"], HEADS[1],
                                                       dtype=torch.bfloat16)
+    cases["module/distill"] = lambda: case_module(env, fused=False)
+    cases["module/fused"] = lambda: case_module(env, fused=True)
     cases["tp/colwise/distill"] = lambda: case_colwise_head(env, fused=False)
     cases["tp/colwise/fused"] = lambda: case_colwise_head(env, fused=True)
     return cases
