@@ -108,3 +108,23 @@ def test_module_checks_options_at_construction():
         fastdistill.FusedLinearDistillLoss(softcap=-1.0)
     with pytest.raises(ValueError, match="temperature"):
         fastdistill.FusedLinearDistillLoss(temperature=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_autocast_casts_heads_like_f_linear(dtype, seed):
+    """Under autocast the op equals itself on inputs cast to the autocast dtype (F.linear's rule); before, the
+    aten GEMMs inside mixed bf16 and float32 operands and raised."""
+    p = make_problem(seed, n=9, v_s=41, v_t=37, dtype=dtype)
+    sh = p["student_hidden"].detach().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fastdistill.fused_linear_distill_loss(sh, p["student_weight"], p["teacher_hidden"], p["teacher_weight"],
+                                                     divergence="jsd", chunk_size=4)
+    loss.backward()
+    bf = {k: (v.to(torch.bfloat16) if v is not None else None) for k, v in p.items()}
+    sh_bf = bf["student_hidden"].detach().requires_grad_(True)
+    expected = fastdistill.fused_linear_distill_loss(sh_bf, bf["student_weight"], bf["teacher_hidden"],
+                                                     bf["teacher_weight"], divergence="jsd", chunk_size=4)
+    expected.backward()
+    assert torch.equal(loss, expected)
+    assert sh.grad.dtype == dtype
+    assert torch.equal(sh.grad, sh_bf.grad.to(dtype))

@@ -238,7 +238,23 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     and returned in their dtype); the teacher's tensors never receive gradients.
     Heads sharded along the vocabulary (weights as DTensors placed Shard(0), or local rows with group=, a
     ProcessGroup): see fastdistill.distributed.vocab_parallel_fused (docs/sharded.md).
+    Under torch.autocast, floating inputs are cast to the autocast dtype first, as F.linear would be.
     """
+    device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        # As the models' own lm_head (F.linear) under autocast: both heads' GEMMs in the autocast dtype. The op
+        # then runs with autocast off: its GEMMs choose float32 outputs themselves.
+        dtype = torch.get_autocast_dtype(device_type)
+        sh, sw, sb, th, tw, tb = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in
+                                  (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                                   teacher_bias))
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_distill_loss(
+                sh, sw, th, tw, student_bias=sb, teacher_bias=tb, labels=labels, chunk_size=chunk_size,
+                logit_scale=logit_scale, softcap=softcap, teacher_logit_scale=teacher_logit_scale,
+                teacher_softcap=teacher_softcap, divergence=divergence, temperature=temperature, beta=beta, skew=skew,
+                soft_weight=soft_weight, hard_weight=hard_weight, scale_t2=scale_t2, ignore_index=ignore_index,
+                reduction=reduction, num_items=num_items, backend=backend, group=group)
     if group is not None or any_dtensor(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
                                         teacher_bias, labels):
         from fastdistill.distributed.vocab_parallel_fused import vocab_parallel_fused_linear_distill_loss
