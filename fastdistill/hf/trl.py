@@ -72,25 +72,28 @@ def trl_head_options(config) -> tuple[float, Optional[float]]:
     return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
 
 
-def _full(weight, bias, dtype):
-    """A DTensor head (FSDP2) as one plain tensor, gathered once (as TRL does), in the compute dtype."""
-    if isinstance(weight, torch.distributed.tensor.DTensor):
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if isinstance(bias, torch.distributed.tensor.DTensor) else bias
+def _full(weight, bias):
+    """A DTensor head (FSDP2) as plain tensors, gathered once per call (as TRL does); others as they are."""
+    gather = (lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t)
+    return gather(weight), (None if bias is None else gather(bias))
+
+
+def _cast(weight, bias, dtype):
     return weight.to(dtype), (None if bias is None else bias.to(dtype))
 
 
-def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on (TRL's rule), else the head's dtype."""
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """TRL's rule for one model's head: the autocast dtype when autocast is on, else the hidden states' dtype
+    (an FSDP2 teacher's gathered fp32 master weight meets bf16 hidden states: the weight is cast)."""
     kind = hidden.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
 
 
 def _loss_sum(h_s, w_s, b_s, h_t, w_t, b_t, *, beta, temperature, student_scale, student_softcap, teacher_scale,
               teacher_softcap, chunk_size, backend):
     """Sum over the rows of TRL's per-token divergence, from [N, H] hidden states (every row counts)."""
-    ws, bs = _full(w_s, b_s, _compute_dtype(h_s, w_s))
-    wt, bt = _full(w_t, b_t, _compute_dtype(h_t, w_t))
+    ws, bs = _cast(w_s, b_s, _compute_dtype(h_s))
+    wt, bt = _cast(w_t, b_t, _compute_dtype(h_t))
     with torch.autocast(h_s.device.type, enabled=False):  # dtypes are settled above; the op runs as given
         return fused_linear_distill_loss(
             h_s.to(ws.dtype), ws, h_t.detach().to(wt.dtype), wt.detach(), student_bias=bs,
@@ -103,7 +106,6 @@ def _loss_sum(h_s, w_s, b_s, h_t, w_t, b_t, *, beta, temperature, student_scale,
 @torch.no_grad()
 def _entropy_sum(hidden, weight, bias, scale, softcap, temperature, chunk_size=None) -> torch.Tensor:
     """Sum over rows of the student's entropy (nats) after scale, softcap and temperature: TRL's metric."""
-    weight, bias = _full(weight, bias, weight.dtype)
     hidden = hidden.to(weight.dtype)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     step = chunk_size or auto_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
@@ -130,6 +132,8 @@ def fused_chunked_divergence_loss(student_hidden_states, teacher_hidden_states, 
     if tuple(completion_mask.shape) != tuple(student_hidden_states.shape[:-1]):
         raise ValueError(f"completion_mask: shape {tuple(completion_mask.shape)} does not match the hidden states' "
                          f"leading shape {tuple(student_hidden_states.shape[:-1])} (one entry per position)")
+    student_lm_head_weight, student_lm_head_bias = _full(student_lm_head_weight, student_lm_head_bias)
+    teacher_lm_head_weight, teacher_lm_head_bias = _full(teacher_lm_head_weight, teacher_lm_head_bias)
     valid = completion_mask.reshape(-1) != 0
     n_valid = valid.sum()
     # Only the valid rows are projected (TRL does the same on Triton devices).
@@ -173,6 +177,8 @@ def fused_generalized_jsd_loss(student_hidden, student_weight, teacher_hidden, t
                              f"{tuple(student_hidden.shape[:-1])}")
         rows = labels.reshape(-1) != -100
         h_s, h_t = h_s[rows], h_t[rows]
+    student_weight, student_bias = _full(student_weight, student_bias)
+    teacher_weight, teacher_bias = _full(teacher_weight, teacher_bias)
     t_scale = logit_scale if teacher_logit_scale is None else teacher_logit_scale
     t_cap = softcap if teacher_softcap is None else (teacher_softcap or None)
     total = _loss_sum(h_s, student_weight, student_bias, h_t, teacher_weight, teacher_bias, beta=beta,

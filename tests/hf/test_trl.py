@@ -291,3 +291,20 @@ def test_fully_masked_batch_is_an_exact_zero():
     loss.backward()
     assert loss.item() == 0.0 and entropy.item() == 0.0 and int(n) == 0
     assert not hs.grad.any() and not ws.grad.any()
+
+
+def test_bf16_hidden_states_with_float32_heads_compute_in_bf16_like_trl():
+    """TRL's dtype rule without autocast: each head computes in its hidden states' dtype (an FSDP2
+    teacher's gathered float32 master weight meets bf16 hidden states), so the weights are rounded to bf16."""
+    g = torch.Generator().manual_seed(5)
+    hs = torch.randn(2, 6, 16, generator=g).bfloat16().requires_grad_()
+    ht = torch.randn(2, 6, 16, generator=g).bfloat16()
+    ws, wt = torch.randn(V, 16, generator=g).requires_grad_(), torch.randn(V, 16, generator=g)
+    mask = torch.ones(2, 6)
+    theirs = _chunked_divergence_loss(hs, ht, ws, wt, mask, 0.5, temperature=1.5)[0]
+    ours = fused_chunked_divergence_loss(hs, ht, ws, wt, mask, 0.5, temperature=1.5, backend="cpu")[0]
+    exact_fp32_heads = _oracle(hs, ws, None, ht, wt, mask, 0.5, 1.5)
+    assert abs(theirs.item() - exact_fp32_heads.item()) > 1e-4 * exact_fp32_heads.item()  # the rule matters here
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-6)
+    for mine, trl_grad in zip(_grads(ours, (hs, ws)), _grads(theirs, (hs, ws))):
+        torch.testing.assert_close(mine, trl_grad, rtol=1e-2, atol=1e-3)
