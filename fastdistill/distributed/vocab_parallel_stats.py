@@ -9,9 +9,9 @@ For a chunk of rows (s = z / T, t = y / T, the student's and teacher's scaled lo
   3. SUM  [rows, 2]: D_r = this slice's part of D(p || q) = sum_i f(p_i, q_i), and H_r = sum over the slice of
      h_i = dD/d(log q_i). Every divergence here is such a sum over the vocabulary, so the gradient is local:
      dD/ds_j = h_j - q_j * H with H = sum_r H_r (log q_i = s_i - logsumexp(s)). For kl H = -1 and for
-     reverse_kl H = D + 1, so they need no statistic beyond D; they ride in the same message anyway.
-h comes from autograd on fastdistill.reference.distill_loss.divergence_from_logs over the local slice, so the
-masks of the reference (0 log 0 = 0, -inf logits) hold here as well.
+     reverse_kl H = D + 1: they send D_r alone ([rows, 1]) and run in closed form; the other divergences get h
+     from autograd on fastdistill.reference.distill_loss.divergence_from_logs over the local slice, so the
+     masks of the reference (0 log 0 = 0, -inf logits) hold there as well.
 """
 from __future__ import annotations
 
@@ -91,8 +91,9 @@ def dense_chunk(z: torch.Tensor, y: torch.Tensor, labels: Optional[torch.Tensor]
     if mse:
         cols.append((z - y).square().sum(-1))
     else:
-        s, t = z / T, y / T
-        cols += [(s - m_z / T).exp().sum(-1), (t - m_y / T).exp().sum(-1)]
+        s, t = (z, y) if T == 1.0 else (z / T, y / T)
+        e_s, e_t = (s - m_z / T).exp(), (t - m_y / T).exp()
+        cols += [e_s.sum(-1), e_t.sum(-1)]
     hard_lse_apart = hard and (mse or T != 1.0)
     if hard_lse_apart:
         cols.append((z - m_z).exp().sum(-1))
@@ -108,17 +109,16 @@ def dense_chunk(z: torch.Tensor, y: torch.Tensor, labels: Optional[torch.Tensor]
         if want_grad:
             grad = (2.0 * opt.soft_weight / V) * (z - y)
     else:
-        log_q = s - (m_z / T + sums[:, 0:1].log())
-        log_p = t - (m_y / T + sums[:, 1:2].log())
-        with torch.enable_grad():
-            leaf = log_q.detach().requires_grad_(want_grad)
-            part = divergence_from_logs(log_p, leaf, opt.divergence, opt.weight, opt.weight)
-            h = torch.autograd.grad(part.sum(), leaf)[0] if want_grad else torch.zeros_like(log_q)
-        totals = shards.all_reduce_(torch.stack([part.detach(), h.sum(-1)], -1))
         coef = opt.soft_weight * (T * T if opt.scale_t2 else 1.0)
-        rows = coef * totals[:, 0]
+        lse_s, lse_t = m_z / T + sums[:, 0:1].log(), m_y / T + sums[:, 1:2].log()
+        if opt.divergence in ("kl", "reverse_kl"):
+            d, g = _kl_sides(s, t, e_s / sums[:, 0:1], e_t / sums[:, 1:2], lse_s, lse_t, opt.divergence, shards,
+                             want_grad)
+        else:
+            d, g = _any_divergence(s - lse_s, t - lse_t, opt, shards, want_grad)
+        rows = coef * d
         if want_grad:
-            grad = (coef / T) * (h - log_q.exp() * totals[:, 1:2])
+            grad = g.mul_(coef / T)
     if hard:
         lse = (m_z + sums[:, -3:-2].log()) if hard_lse_apart else (m_z + sums[:, 0:1].log())
         rows = rows + opt.hard_weight * (lse.squeeze(-1) - sums[:, -2])
@@ -130,15 +130,44 @@ def dense_chunk(z: torch.Tensor, y: torch.Tensor, labels: Optional[torch.Tensor]
     return finish_rows(rows, grad, bad, valid, scale)
 
 
+def _kl_sides(s, t, q, p, lse_s, lse_t, divergence: str, shards: VocabShards, want_grad: bool):
+    """(D, dD/ds) of kl (D(p ‖ q): dD/ds = q - p, no statistic beyond D) and reverse_kl (D(q ‖ p):
+    dD/ds = q (log q - log p - D)) in closed form: one SUM all-reduce [rows, 1]."""
+    if divergence == "kl":
+        a, log_ratio = p, (t - s) - (lse_t - lse_s)  # log p - log q
+    else:
+        a, log_ratio = q, (s - t) - (lse_s - lse_t)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    live = a > 0  # 0 · log 0 = 0, also against -inf logits
+    d = shards.all_reduce_(torch.where(live, a * log_ratio, zero).sum(-1, keepdim=True))
+    if not want_grad:
+        return d.squeeze(-1), None
+    grad = q - p if divergence == "kl" else torch.where(live, q * (log_ratio - d), zero)
+    return d.squeeze(-1), grad
+
+
+def _any_divergence(log_q, log_p, opt: LossOptions, shards: VocabShards, want_grad: bool):
+    """(D, dD/ds) of any divergence: h = dD_r/d(log q) by autograd on the reference's formula over this slice,
+    then dD/ds = h - q · H with H = sum of h over the vocabulary; one SUM all-reduce [rows, 2] (D_r, H_r)."""
+    with torch.enable_grad():
+        leaf = log_q.detach().requires_grad_(want_grad)
+        part = divergence_from_logs(log_p, leaf, opt.divergence, opt.weight, opt.weight)
+        h = torch.autograd.grad(part.sum(), leaf)[0] if want_grad else torch.zeros_like(log_q)
+    totals = shards.all_reduce_(torch.stack([part.detach(), h.sum(-1)], -1))
+    return totals[:, 0], (h - log_q.exp() * totals[:, 1:2] if want_grad else None)
+
+
 def finish_rows(rows, grad, bad, valid, scale):
-    """The NaN rule (NaN loss and gradient rows), exact zeros on ignored rows, and the reduction's scale."""
-    nan = torch.full((), math.nan, dtype=rows.dtype, device=rows.device)
-    rows = torch.where(bad, nan, rows)
-    if grad is not None:
-        grad = torch.where(bad.unsqueeze(-1), nan, grad)
-    if valid is not None:
-        rows = torch.where(valid, rows, torch.zeros_like(rows))
-        if grad is not None:
-            grad = torch.where(valid.unsqueeze(-1), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    """The NaN rule (NaN loss and gradient rows), exact zeros on ignored rows (whatever was computed there: a
+    top-k padding row can be inf), and the reduction's scale."""
     scale = scale.to(rows.dtype)
-    return rows * scale, (None if grad is None else grad * scale.unsqueeze(-1))
+    nan = torch.full((), math.nan, dtype=rows.dtype, device=rows.device)
+    factor = torch.where(bad, nan, scale.expand(rows.shape))
+    rows = rows * factor
+    if grad is not None:
+        grad = grad.mul_(factor.unsqueeze(-1))
+    if valid is not None:
+        zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
+        rows = torch.where(valid, rows, zero)
+        grad = None if grad is None else torch.where(valid.unsqueeze(-1), grad, zero.to(grad.dtype))
+    return rows, grad

@@ -1,6 +1,7 @@
-"""Run by test_vocab_parallel.py as 2 processes (gloo ranks on CPU), `python vocab_parallel_worker.py OUT_DIR RANK
-WORLD INIT_FILE`: each runs every vocabulary-parallel case against the single-process reference (float64) and write OUT_DIR/rank<r>.json:
-{case name: "" when it passed, else what went wrong}.
+"""Run by test_vocab_parallel.py as 2 processes (gloo ranks on CPU):
+`python vocab_parallel_worker.py OUT_DIR RANK WORLD INIT_FILE`. Each rank runs every vocabulary-parallel case
+against the single-process reference (float64) and writes OUT_DIR/rank<r>.json: {case name: "" when it passed,
+else what went wrong}.
 
 Every rank builds the same full tensors (same seed), passes its slice (group=, split 700 + 571) or a DTensor
 placed Shard (torch's even split: 636 + 635), and compares its loss with the reference's and its gradient slice
