@@ -4,9 +4,10 @@ Two ways in: DTensors placed Shard(vocab dim) on a 1-D device mesh (torch's Colw
 gives Shard(-1) logits and Shard(0) weights), or plain local slices plus `group=`. Slices are contiguous and
 in group-rank order (rank r holds ids [start_r, start_r + V_r)); the V_r may differ (uneven splits).
 
-One all-reduce of a [world, n] int64 table of the local vocabulary sizes per call (and one host sync to read it)
-gives every rank the same view of the split: V, this rank's start, and every check that involves more than one
-rank, so that all ranks raise the same error instead of one raising while the others wait in a collective.
+One all-reduce of a [world, n] int64 table per call (and one host sync to read it) gives every rank the same view of
+the split (the local vocabulary sizes: V, this rank's start) and of what must agree between ranks (sizes of the
+other dimensions, a checksum of labels and top-k ids), so that every check involving more than one rank raises the
+same error on all ranks instead of on one while the others wait in a collective.
 """
 from __future__ import annotations
 
@@ -109,16 +110,57 @@ def localize(sharded: list, replicated: list, group) -> tuple[VocabShards, list,
         raise RuntimeError("group: torch.distributed is not initialized")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     sizes = [t.shape[dim] if t.dim() else 0 for t, (_, _, dim) in zip(local_sharded, present)]
-    table = torch.zeros(world, len(sizes), dtype=torch.int64, device=local_sharded[0].device)
-    table[rank] = torch.tensor(sizes, dtype=torch.int64)
+    device = local_sharded[0].device
+    same = _same_everywhere(present, local_sharded, [(r[0], t) for r, t in zip(replicated, local_replicated)])
+    table = torch.zeros(world, len(sizes) + len(same), dtype=torch.int64, device=device)
+    table[rank, :len(sizes)] = torch.tensor(sizes, dtype=torch.int64)
+    if same:
+        table[rank, len(sizes):] = torch.stack([value.to(device) for _, value in same])
     dist.all_reduce(table, group=group)
     rows = table.tolist()
-    _check_table(present, rows, mesh is not None)
+    _check_table(present, [r[:len(sizes)] for r in rows], mesh is not None)
+    _check_same(same, [r[len(sizes):] for r in rows])
     own = [r[0] for r in rows]
     shards = VocabShards(group=group, rank=rank, world=world, vocab=sum(own), start=sum(own[:rank]),
                          local=own[rank], widest=max(own))
     locals_iter = iter(local_sharded)
     return shards, [None if s[1] is None else next(locals_iter) for s in sharded], local_replicated
+
+
+def _checksum(t: torch.Tensor) -> torch.Tensor:
+    """An int64 fingerprint of integer data, position-weighted (wraps around; computed on the tensor's device, read
+    with the size table: no extra sync)."""
+    flat = t.reshape(-1).to(torch.int64)
+    return (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum()
+
+
+def _same_everywhere(sharded, local_sharded, replicated) -> list:
+    """(what, int64 scalar) that must agree on every rank: the non-vocabulary size of each sharded tensor (rows of
+    logits, H of a head), the size of each replicated tensor, and a checksum of the integer ones (labels, top-k ids).
+    Every rank of a vocabulary-parallel call must see the same tokens; a head sharded over data-parallel ranks
+    (FSDP2's DTensor Shard(0) outside forward) looks alike but is not, and would otherwise give a silently wrong
+    loss."""
+    out = []
+    for (name, _, dim), t in zip(sharded, local_sharded):
+        out.append(((name, "size differs"), torch.tensor(t.numel() // max(t.shape[dim], 1) if t.dim() else 0)))
+    for name, t in replicated:
+        if t is None:
+            continue
+        out.append(((name, "size differs"), torch.tensor(t.numel())))
+        if not t.is_floating_point():
+            out.append(((name, "values differ"), _checksum(t)))
+    return out
+
+
+def _check_same(same, rows) -> None:
+    for i, ((name, what), _) in enumerate(same):
+        for rank, row in enumerate(rows):
+            if row[i] != rows[0][i]:
+                raise ValueError(f"{name}: its {what} between rank 0 and rank {rank}: every rank of a "
+                                 f"vocabulary-parallel call needs the same tokens (tensor parallel). A head sharded "
+                                 f"over data-parallel ranks (FSDP2's DTensor Shard(0) outside forward) is not "
+                                 f"vocabulary parallel: run the loss inside the model's forward "
+                                 f"(fastdistill.distributed.run_in_forward)")
 
 
 def _check_table(sharded, rows, dtensors: bool) -> None:

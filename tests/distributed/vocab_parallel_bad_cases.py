@@ -78,6 +78,19 @@ def bad_cases(env):
         small = z[..., 15 * rank:15 * (rank + 1)].clone()  # V = 30 over the 2 ranks
         topk_distill_loss(small, torch.full((2, 5, 31), -math.log(31.0)), torch.arange(31).expand(2, 5, 31), **group)
 
+    def labels_differ():  # e.g. data-parallel ranks: different tokens on each rank
+        mine = labels.clone()
+        mine[0, 1] = rank
+        distill_loss(env.shard("group", z, -1), env.shard("group", y, -1), labels=mine, **group)
+
+    def fsdp_like_head():  # a head sharded over ranks that see different tokens (FSDP2 outside forward)
+        fused_linear_distill_loss(sh + rank, env.shard("dtensor", sw, 0), th, env.shard("dtensor", tw, 0),
+                                  labels=flabels + rank)
+
+    def rows_differ():
+        rows = 5 if rank == 0 else 4
+        distill_loss(env.shard("group", z, -1)[:, :rows], env.shard("group", y, -1)[:, :rows], **group)
+
     def empty_slice():  # V = 1 over 2 ranks
         distill_loss(z[..., rank:1].clone(), y[..., rank:1].clone(), **group)
 
@@ -133,6 +146,12 @@ def bad_cases(env):
         "bad/fused_hidden_dtensor_with_slices": lambda: expect(TypeError, "student_hidden: a DTensor, but the "
                                                                "vocabulary-sharded tensors are plain local slices",
                                                                fused_teacher_plain_hidden_dtensor),
+        "bad/labels_differ": lambda: expect(ValueError, "labels: its values differ between rank 0 and rank 1",
+                                            labels_differ),
+        "bad/fsdp_like_head": lambda: expect(ValueError, "labels: its values differ between rank 0 and rank 1",
+                                             fsdp_like_head),
+        "bad/rows_differ": lambda: expect(ValueError, "student_logits: its size differs between rank 0 and rank 1",
+                                          rows_differ),
         "bad/empty_slice": lambda: expect(ValueError, "student_logits: rank 1 holds no vocabulary entries",
                                           empty_slice),
     }
