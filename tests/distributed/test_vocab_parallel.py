@@ -68,7 +68,7 @@ def test_nan_rule_across_ranks(results):
 
 
 def test_bad_input_raises_on_every_rank(results):
-    _check(results, "bad/", 21)
+    _check(results, "bad/", 22)
 
 
 def test_colwise_parallel_heads(results):

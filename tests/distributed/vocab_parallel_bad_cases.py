@@ -84,8 +84,11 @@ def bad_cases(env):
         distill_loss(env.shard("group", z, -1), env.shard("group", y, -1), labels=mine, **group)
 
     def fsdp_like_head():  # a head sharded over ranks that see different tokens (FSDP2 outside forward)
-        fused_linear_distill_loss(sh + rank, env.shard("dtensor", sw, 0), th, env.shard("dtensor", tw, 0),
+        fused_linear_distill_loss(sh, env.shard("dtensor", sw, 0), th, env.shard("dtensor", tw, 0),
                                   labels=flabels + rank)
+
+    def fsdp_like_head_no_labels():
+        fused_linear_distill_loss(sh + rank, env.shard("dtensor", sw, 0), th, env.shard("dtensor", tw, 0))
 
     def rows_differ():
         rows = 5 if rank == 0 else 4
@@ -150,6 +153,8 @@ def bad_cases(env):
                                             labels_differ),
         "bad/fsdp_like_head": lambda: expect(ValueError, "labels: its values differ between rank 0 and rank 1",
                                              fsdp_like_head),
+        "bad/fsdp_like_head_no_labels": lambda: expect(ValueError, "student_hidden: its values differ (sum |x|) "
+                                                       "between rank 0 and rank 1", fsdp_like_head_no_labels),
         "bad/rows_differ": lambda: expect(ValueError, "student_logits: its size differs between rank 0 and rank 1",
                                           rows_differ),
         "bad/empty_slice": lambda: expect(ValueError, "student_logits: rank 1 holds no vocabulary entries",
