@@ -128,7 +128,9 @@ def vocab_parallel_fused_linear_distill_loss(student_hidden, student_weight, tea
     heads = (float(logit_scale), float(softcap or 0.0),
              float(logit_scale if teacher_logit_scale is None else teacher_logit_scale),
              float((softcap if teacher_softcap is None else teacher_softcap) or 0.0))
-    chunk = int(chunk_size) if chunk_size is not None else auto_chunk_size(n, shards.widest, hidden.device)
+    # chunk_size=None: the single-process op's memory budget, for ~3x its live [chunk, V] buffers (plain PyTorch
+    # keeps about a dozen float32 temporaries where the fused kernels keep four)
+    chunk = int(chunk_size) if chunk_size is not None else auto_chunk_size(n, 3 * shards.widest, hidden.device)
     teacher = (th.reshape(-1, th.shape[-1]).detach(), tw.detach(), None if tb is None else tb.detach())
     if not torch.is_grad_enabled():
         hidden, sw, sb = hidden.detach(), sw.detach(), None if sb is None else sb.detach()
