@@ -46,7 +46,8 @@ class ShardedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows):
         (grad,) = ctx.saved_tensors
-        out = None if grad is None else grad * grad_rows.unsqueeze(-1).to(grad.dtype)
+        # the product in the wider dtype, one rounding into the student's (grad_rows may be 1/accumulation_steps)
+        out = None if grad is None else (grad * grad_rows.unsqueeze(-1)).to(grad.dtype)
         return out, None, None, None
 
 
