@@ -81,3 +81,9 @@ def test_float32_and_bfloat16_inputs(results):
 
 def test_modules_take_group(results):
     _check(results, "module/", 2)
+
+
+def test_edge_cases(results):
+    """Endpoints of the divergences (jsd at beta 0 / 1, skew 0 / 1), top-k with k = V, no labels, no tokens,
+    num_items as a tensor, no_grad."""
+    _check(results, "edge/", 13)

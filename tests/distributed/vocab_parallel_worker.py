@@ -112,11 +112,13 @@ def logits_inputs(seed: int, nan: bool, masked: bool):
     return z, y, labels
 
 
-def case_distill(env, mode, divergence, opts, nan=False, dtype=torch.float64):
+def case_distill(env, mode, divergence, opts, nan=False, dtype=torch.float64, no_labels=False):
     from fastdistill import distill_loss
     from fastdistill.reference.distill_loss import distill_loss_ref
 
     z, y, labels = (t.to(dtype) if t.is_floating_point() else t for t in logits_inputs(1, nan, divergence != "mse"))
+    if no_labels:  # every row counts: no padding row
+        z[1, 4], labels = y[1, 4].flip(-1), None  # not the teacher row: tvd has a kink at p = q
     full = z.to(torch.float64, copy=True).requires_grad_()
     want = distill_loss_ref(full, y.double(), labels, divergence=divergence, **opts)
     (want * upstream(want)).sum().backward()
@@ -128,13 +130,16 @@ def case_distill(env, mode, divergence, opts, nan=False, dtype=torch.float64):
     close("grad", local_grad(leaf), full.grad[..., env.slice_of(mode)], equal_nan=nan)
 
 
-def case_topk(env, mode, divergence, tail, opts, nan=False, dtype=torch.float64):
+def case_topk(env, mode, divergence, tail, opts, nan=False, dtype=torch.float64, k=K, no_labels=False):
     from fastdistill import topk_distill_loss
     from fastdistill.reference.topk_distill_loss import topk_distill_loss_ref
 
     z, y, labels = logits_inputs(2, nan, masked=False)
-    lp, ids = torch.log_softmax(y / opts.get("temperature", 1.0), -1).topk(K, -1)
-    z[0, 4, y[0, 4].argmin()] = -math.inf  # a masked student token outside the top k
+    if no_labels:
+        z[1, 4], labels = y[1, 4].flip(-1), None  # not the teacher row: tvd has a kink at p = q
+    lp, ids = torch.log_softmax(y / opts.get("temperature", 1.0), -1).topk(k, -1)
+    if k < V:
+        z[0, 4, y[0, 4].argmin()] = -math.inf  # a masked student token outside the top k
     if nan:
         ids[1, 1, 0] = V  # an id outside [0, V): a NaN row on every rank too
     z, lp = z.to(dtype), lp.to(dtype)
@@ -161,11 +166,14 @@ def fused_inputs(seed: int):
     return sh, sw, sb, th, tw, tb, labels
 
 
-def case_fused(env, mode, divergence, opts, heads, replicated_hidden=False, nan=False, dtype=torch.float64):
+def case_fused(env, mode, divergence, opts, heads, replicated_hidden=False, nan=False, dtype=torch.float64,
+               no_labels=False):
     from fastdistill import fused_linear_distill_loss
     from fastdistill.reference.fused_linear_distill_loss import fused_linear_distill_loss_ref
 
     sh, sw, sb, th, tw, tb, labels = fused_inputs(3)
+    if no_labels:
+        sh[1, 4], labels = 0.5, None
     if nan:
         sw[1100, 0] = math.nan  # a weight row on rank 1: NaN logits in every valid row, on every rank
     sh, sw, sb, th, tw, tb = (t.to(dtype) for t in (sh, sw, sb, th, tw, tb))
@@ -289,10 +297,11 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.manual_seed(0)
     env = Env(rank, world)
     from vocab_parallel_bad_cases import bad_cases
+    from vocab_parallel_edge_cases import edge_cases
 
     results = {}
     # Bad input first: a case that raised on one rank only would desynchronize the collectives of the rest.
-    for name, case in {**bad_cases(env), **good_cases(env)}.items():
+    for name, case in {**bad_cases(env), **good_cases(env), **edge_cases(env)}.items():
         try:
             case()
             results[name] = ""
