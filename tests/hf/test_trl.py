@@ -58,6 +58,16 @@ def _grads(loss, tensors):
     return torch.autograd.grad(loss, tensors)
 
 
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of the fused op made by fastdistill.hf.trl (so a test cannot pass on TRL's own loss)."""
+    import fastdistill.hf.trl as module
+
+    calls, op = [], module.fused_linear_distill_loss
+    monkeypatch.setattr(module, "fused_linear_distill_loss", lambda *a, **k: calls.append(1) or op(*a, **k))
+    return calls
+
+
 def test_beta_mapping_table():
     assert trl_loss_options(0.0, 2.0) == dict(divergence="kl", beta=0.0, temperature=2.0, scale_t2=False)
     assert trl_loss_options(1) == dict(divergence="reverse_kl", beta=1.0, temperature=1.0, scale_t2=False)
@@ -170,7 +180,7 @@ def _distill_trainer(cls, beta, output_dir, **kw):
 
 
 @pytest.mark.parametrize("beta", BETAS)
-def test_distillation_trainer_compute_loss_equals_trl(beta, tmp_path):
+def test_distillation_trainer_compute_loss_equals_trl(beta, tmp_path, fused_calls):
     """TRL's and our trainer's _compute_loss on one constructed batch (left-padded prompts, completions
     with a completion mask), the same models: loss, metric inputs and every student gradient."""
     ours = _distill_trainer(FastDistillDistillationTrainer, beta, tmp_path, backend="cpu", chunk_size=3)
@@ -183,7 +193,9 @@ def test_distillation_trainer_compute_loss_equals_trl(beta, tmp_path):
     params = [p for p in ours.model.parameters() if p.requires_grad]
     for num_items in (None, torch.tensor(11.0)):
         a_loss, a_entropy, a_n = ours._compute_loss(ours.model, inputs, num_items)
+        assert fused_calls and fused_calls.pop()
         b_loss, b_entropy, b_n = theirs._compute_loss(theirs.model, inputs, num_items)
+        assert not fused_calls
         assert int(a_n) == int(b_n) == 8 and a_loss.item() > 0.05  # far-apart models: the loss is not ~0
         torch.testing.assert_close(a_loss, b_loss, rtol=2e-5, atol=1e-6)
         torch.testing.assert_close(a_entropy, b_entropy, rtol=1e-5, atol=1e-5)
@@ -191,13 +203,14 @@ def test_distillation_trainer_compute_loss_equals_trl(beta, tmp_path):
             torch.testing.assert_close(mine, trl_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_distillation_trainer_trains_like_trl(tmp_path):
+def test_distillation_trainer_trains_like_trl(tmp_path, fused_calls):
     """Two steps of train() with on-policy generation: same logged losses, metrics and weights as TRL's."""
     runs = {}
     for name, cls, kw in (("trl", DistillationTrainer, {}), ("ours", FastDistillDistillationTrainer, {})):
         trainer = _distill_trainer(cls, 0.5, tmp_path / name, **kw)
         trainer.train()
         runs[name] = trainer
+        assert len(fused_calls) == (2 if name == "ours" else 0)
     logs = [[row for row in t.state.log_history if "loss" in row] for t in runs.values()]
     assert len(logs[0]) == len(logs[1]) == 2
     for trl_row, our_row in zip(*logs):
@@ -239,7 +252,7 @@ def _gkd_trainer(cls, output_dir, bf16, **kw):
 
 
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
-def test_gkd_trainer_trains_and_evaluates_like_trl(bf16, tmp_path):
+def test_gkd_trainer_trains_and_evaluates_like_trl(bf16, tmp_path, fused_calls):
     """GKDTrainer (off-policy steps, lmbda=0): same losses, weights and eval_loss as TRL's own. bf16=True
     (TRL's default): both models run under bf16 autocast in both trainers; TRL rounds the logits to bf16,
     fastdistill keeps them in float32 from the bf16 GEMM inputs, hence the looser tolerance."""
@@ -249,6 +262,7 @@ def test_gkd_trainer_trains_and_evaluates_like_trl(bf16, tmp_path):
         trainer = _gkd_trainer(cls, tmp_path / name, bf16, **kw)
         trainer.train()
         runs[name] = (trainer, trainer.evaluate()["eval_loss"])
+        assert len(fused_calls) == (3 if name == "ours" else 0)  # 2 train steps, 1 eval batch
     logs = [[row for row in t.state.log_history if "loss" in row] for t, _ in runs.values()]
     assert len(logs[0]) == 2 and logs[0][0]["loss"] > 0.05
     for trl_row, our_row in zip(*logs):
@@ -261,7 +275,7 @@ def test_gkd_trainer_trains_and_evaluates_like_trl(bf16, tmp_path):
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.4])
-def test_gkd_compute_loss_with_heads_that_differ(beta, tmp_path):
+def test_gkd_compute_loss_with_heads_that_differ(beta, tmp_path, fused_calls):
     """A Cohere student (logit_scale 3) and a Gemma-2 teacher (final_logit_softcapping 0.5), which GKDTrainer
     sees through their own logits: loss and student gradients equal TRL's compute_loss on one batch."""
     from hf.tiny_models import batch, tiny_cohere, tiny_gemma2
@@ -277,6 +291,7 @@ def test_gkd_compute_loss_with_heads_that_differ(beta, tmp_path):
     labels[0, :4] = -100  # a prompt
     inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     a, b = ours.compute_loss(ours.model, inputs), theirs.compute_loss(theirs.model, inputs)
+    assert len(fused_calls) == 1
     assert a.item() > 0.01  # the capped teacher is near uniform, the scaled student is not
     torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
     for mine, trl_grad in zip(_grads(a, list(ours.model.parameters())), _grads(b, list(theirs.model.parameters()))):
