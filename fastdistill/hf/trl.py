@@ -37,8 +37,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from trl import DistillationTrainer
-from trl.experimental.gkd import GKDTrainer
+try:
+    from trl import DistillationTrainer
+    from trl.experimental.gkd import GKDTrainer
+except ImportError as error:  # an optional dependency, not in the hf extra
+    raise ImportError(f"fastdistill.hf.trl needs TRL 1.16 (pip install trl==1.16.0): {error}") from error
 
 from fastdistill import fused_linear_distill_loss
 from fastdistill.hf.heads import final_hidden_states
