@@ -198,14 +198,15 @@ def test_fused_linear_nan_hidden_gives_nan_rows(backend, divergence):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["none", "batchmean"])
-def test_fused_linear_nan_in_ignored_row(backend, reduction):
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_fused_linear_nan_in_ignored_row(backend, reduction, softcap):
     """An ignored token whose hidden state holds NaN or inf: its loss and its d(hidden) row are exact zeros,
     the other rows keep their values, and the weight gradient is what it is with those rows zeroed (the
-    ignored rows must not reach it as 0 · NaN)."""
+    ignored rows must not reach it as 0 · NaN, nor through softcap's chain rule)."""
     p = _fused_problem()
     labels = torch.arange(9) % 29
     labels[[2, 4, 6]] = IGNORE
-    opts = dict(labels=labels, chunk_size=4, backend=backend, reduction=reduction, divergence="jsd")
+    opts = dict(labels=labels, chunk_size=4, backend=backend, reduction=reduction, divergence="jsd", softcap=softcap)
     sh = p["student_hidden"].requires_grad_(True)
     sw = p["student_weight"].requires_grad_(True)
     rows = fastdistill.fused_linear_distill_loss(sh, sw, p["teacher_hidden"], p["teacher_weight"], **opts)

@@ -122,10 +122,12 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         h_s = student_hidden[start:end]
+        chunk_labels = None if labels is None else labels[start:end]
+        if chunk_labels is not None:  # ignored rows may hold anything (NaN padding): 0 · NaN would leak into
+            h_s = h_s.masked_fill((chunk_labels == ignore_index).unsqueeze(-1), 0)  # dW and softcap's chain rule
         s = _transform_(student.logits(h_s), logit_scale, softcap)
         with torch.no_grad():
             t = _transform_(teacher.logits(teacher_hidden[start:end]), teacher_logit_scale, teacher_softcap)
-        chunk_labels = None if labels is None else labels[start:end]
         loss_rows, grad = loss_fn(pad_vocab(s, vocab), pad_vocab(t, vocab), chunk_labels, want_grad)
         rows[start:end] = loss_rows
         if not want_grad:
@@ -137,8 +139,6 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
         if grad_hidden is not None:
             student.grad_hidden(grad, grad_hidden[start:end])
         if grad_weight is not None:
-            if chunk_labels is not None:  # ignored rows may hold anything (NaN padding): 0 · NaN would leak
-                h_s = h_s.masked_fill((chunk_labels == ignore_index).unsqueeze(-1), 0)
             student.accumulate_grad_weight(grad_weight, grad, h_s)
         if grad_bias is not None:
             grad_bias.add_(grad.sum(0))
