@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
 
 import distill_hf_causal_lm  # noqa: E402
 
-SMALL = ["--teacher-steps", "30", "--steps", "30", "--seq", "32", "--batch", "8", "--teacher-hidden", "32",
-         "--student-hidden", "16", "--teacher-layers", "2", "--student-layers", "1", "--eval-windows", "16"]
+SMALL = ["--teacher-steps", "30", "--steps", "20", "--seq", "32", "--batch", "8", "--teacher-hidden", "32",
+         "--student-hidden", "16", "--teacher-layers", "2", "--student-layers", "1", "--eval-windows", "8"]
 
 
 def test_byte_level_run_trains_a_teacher_and_distills(tmp_path):
