@@ -86,10 +86,9 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, case):
     ref, ref_losses = _sgd_by_hand(student, teacher, full, 2, 2.0, fastdistill.FusedLinearDistillLoss(**options))
     for bs, ga in ((4, 1), (2, 2)):
         trained = copy.deepcopy(student)
+        args = _args(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, num_train_epochs=2)
         trainer = DistillationTrainer(model=trained, teacher_model=teacher, data_collator=collator,
-                                      train_dataset=examples, args=_args(tmp_path, per_device_train_batch_size=bs,
-                                                                         gradient_accumulation_steps=ga, num_train_epochs=2),
-                                      **options)
+                                      train_dataset=examples, args=args, **options)
         trainer.train()
         logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         torch.testing.assert_close(logged, ref_losses, rtol=1e-4, atol=1e-6, msg=f"bs {bs} ga {ga}")
