@@ -30,7 +30,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 PROVIDERS = ("fused", "hf-logits")
 
 
-def build_model(hidden: int, layers: int, vocab: int, seq: int, seed: int):
+def build_model(hidden: int, layers: int, vocab: int, seq: int, seed: int, device: str, dtype: torch.dtype):
+    """A random-init LlamaForCausalLM, created on `device` (a GPU initializes the 128k-vocabulary heads in
+    seconds, a CPU in tens of seconds) and then cast to `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -38,7 +40,8 @@ def build_model(hidden: int, layers: int, vocab: int, seq: int, seed: int):
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64 or 64,
                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                       max_position_embeddings=seq, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype)
 
 
 def hf_logits_kl(student, teacher, input_ids, attention_mask):
@@ -59,8 +62,8 @@ def worker(spec: dict) -> dict:
 
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
     b, n, v = spec["batch"], spec["seq"], spec["vocab"]
-    student = build_model(spec["h_s"], spec["layers"], v, n, seed=0).to(device=device, dtype=dtype).train()
-    teacher = build_model(spec["h_t"], spec["layers"], v, n, seed=1).to(device=device, dtype=dtype).eval()
+    student = build_model(spec["h_s"], spec["layers"], v, n, seed=0, device=device, dtype=dtype).train()
+    teacher = build_model(spec["h_t"], spec["layers"], v, n, seed=1, device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(2)
     input_ids = torch.randint(0, v, (b, n), generator=gen).to(device)
     attention_mask = torch.ones(b, n, dtype=torch.long)
