@@ -19,7 +19,8 @@ Trainer does around the loss:
 - checkpoints: only the student is saved; the teacher is an attribute of the trainer, never a
   submodule of the student, so neither checkpoints nor the optimizer state hold it.
 The teacher is moved to args.device when Trainer places the student there (not under FSDP, DeepSpeed
-or model parallelism); its dtype is never changed (a bf16 teacher for an fp32 student is allowed).
+or model parallelism, nor when it was loaded with a device_map); its dtype is never changed (a bf16
+teacher for an fp32 student is allowed).
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ class DistillationTrainer(Trainer):
         if self.args.n_gpu > 1:
             raise ValueError(f"args.n_gpu: {self.args.n_gpu} GPUs in one process (torch.nn.DataParallel) is not "
                              f"supported; launch one process per GPU with torchrun")
-        if self.place_model_on_device:
+        if self.place_model_on_device and getattr(teacher_model, "hf_device_map", None) is None:
             teacher_model = teacher_model.to(self.args.device)  # where Trainer puts the student; dtype unchanged
         self.teacher_model = teacher_model
 
@@ -131,8 +132,6 @@ class DistillationTrainer(Trainer):
         input_ids, attention_mask, labels = (inputs.pop(k, None) for k in _BATCH_KEYS)
         if input_ids is None:
             raise ValueError(f"inputs: the batch has no input_ids (keys: {sorted(inputs)})")
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.clamp(min=1)  # a step without targets: loss 0, not NaN
         with self.accelerator.autocast():
             loss = causal_lm_distill_loss(model, self.teacher_model, input_ids, attention_mask, labels,
                                           loss=self.distill_loss, num_items=num_items_in_batch, **inputs)

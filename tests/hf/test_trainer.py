@@ -197,6 +197,22 @@ def test_bad_arguments(tmp_path):
     assert trainer.distill_loss.options["divergence"] == "jsd" and trainer.distill_loss.options["beta"] == 0.2
 
 
+def test_teacher_placement(tmp_path, monkeypatch):
+    """The teacher is moved to args.device like the student, never cast; one loaded with a device_map
+    (accelerate-dispatched, maybe over several devices) is left where it is."""
+    student, teacher = tiny_llama(V, seed=0), tiny_llama(V, seed=1).to(torch.bfloat16)
+    moves = []
+    real_to = type(teacher).to
+    monkeypatch.setattr(type(teacher), "to", lambda self, *a, **k: moves.append((self, a, k)) or real_to(self, *a, **k))
+    trainer = DistillationTrainer(student, _args(tmp_path), teacher_model=teacher)
+    assert [(m, a, k) for m, a, k in moves if m is teacher] == [(teacher, (trainer.args.device,), {})]
+    assert trainer.teacher_model is teacher and teacher.dtype == torch.bfloat16
+    moves.clear()
+    teacher.hf_device_map = {"": "cpu"}
+    DistillationTrainer(student, _args(tmp_path), teacher_model=teacher)
+    assert not [m for m, _, _ in moves if m is teacher]
+
+
 @pytest.mark.gpu
 def test_teacher_goes_to_the_student_device(tmp_path):
     student, teacher = tiny_llama(V, seed=0), tiny_llama(V, seed=1).to(torch.bfloat16)
