@@ -43,6 +43,15 @@ step test_parity 90 $PY -m pytest -q tests/test_distill_loss.py tests/test_disti
   tests/test_block_sparse_linear_api.py tests/test_semi_structured_linear.py tests/test_int8_ops.py \
   tests/test_int8_api.py tests/test_quant_layers.py tests/test_nan_rule.py tests/test_int8_special_values.py \
   tests/test_int8_layer_checks.py tests/test_loss_boundaries.py -k "cuda or triton" -p no:cacheprovider
+# Hugging Face: needs transformers + accelerate, which the H200 image lacks (no network there): these steps run
+# where they are installed (or carried in as wheels) and are reported as skipped otherwise.
+if $PY -c "import transformers, accelerate" 2>/dev/null; then
+  step test_hf_gpu 90 $PY -m pytest -q -m gpu tests/hf -p no:cacheprovider
+  step bench_hf_step 150 $PY benchmarks/bench_hf_step.py --device cuda --dtype bfloat16 --batch 8 --seq 1024 \
+    --vocab 128256 --h-s 2048 --h-t 4096 --reps 5 --out hf_step_h200 --csv-dir "$OUT"
+else
+  echo "test_hf_gpu, bench_hf_step: skipped (transformers / accelerate not installed here)" | tee -a "$summary"
+fi
 step bench_sparse_cuda 120 $PY benchmarks/bench_sparse_cuda_kernels.py --quick --csv-dir "$OUT"
 step bench_int8_cuda 60 $PY benchmarks/bench_int8_cuda_kernels.py --device cuda --csv-dir "$OUT"
 step bench 60 $PY benchmarks/bench_distill_loss.py --device cuda --modes full --divergence kl \

@@ -1,4 +1,6 @@
-"""fastdistill.distributed: training with torch.distributed (never imported by `import fastdistill`).
+"""fastdistill.distributed: training with torch.distributed.
+
+`import fastdistill` loads only this file and vocab_parallel_route.py (the DTensor test of the loss ops).
 
 Vocabulary-parallel losses (tensor parallel on the output head): fastdistill.distill_loss,
 fused_linear_distill_loss and topk_distill_loss take DTensors placed Shard along the vocabulary, or local

@@ -15,7 +15,8 @@ class FusedLinearDistillLoss(nn.Module):
     labels=None, student_bias=None, teacher_bias=None)` == `fused_linear_distill_loss(...)`.
 
     Options are those of fastdistill.fused_linear_distill_loss (chunk_size, logit_scale, softcap,
-    teacher_logit_scale, teacher_softcap and every distill_loss option) and are checked here, once. Typical use with language models:
+    teacher_logit_scale, teacher_softcap and every distill_loss option) and are checked here, once.
+    Typical use with language models:
     `loss_fn(student_h, student.lm_head.weight, teacher_h, teacher.lm_head.weight, labels)`.
     group: the ProcessGroup of vocabulary-parallel local head rows (docs/sharded.md); DTensor heads need none.
     """

@@ -72,7 +72,8 @@ def _forward(backend: str, tensors: tuple, cfg: _Config):
     loss_fn = _kernel_loss_fn(backend, scale, cfg)
     rows, gh, gw, gb = run_chunks(
         sh, sw, sb, th, tw, tb, labels, row_weights, loss_fn, logit_scale=cfg.logit_scale, softcap=cfg.softcap,
-        teacher_logit_scale=cfg.teacher_logit_scale, teacher_softcap=cfg.teacher_softcap, chunk_size=cfg.chunk_size, need_grad_hidden=cfg.reduce and cfg.need_grad_hidden,
+        teacher_logit_scale=cfg.teacher_logit_scale, teacher_softcap=cfg.teacher_softcap, chunk_size=cfg.chunk_size,
+        need_grad_hidden=cfg.reduce and cfg.need_grad_hidden,
         need_grad_weight=cfg.reduce and cfg.need_grad_weight, need_grad_bias=cfg.reduce and cfg.need_grad_bias,
         ignore_index=cfg.ignore_index)
     grads = (g if g is not None else sh.new_empty(0) for g in (gh, gw, gb))  # distinct: outputs must not alias
