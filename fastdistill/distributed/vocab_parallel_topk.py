@@ -26,7 +26,8 @@ from fastdistill.distributed.vocab_parallel_shards import VocabShards, chunk_row
 from fastdistill.distributed.vocab_parallel_stats import (LossOptions, finish_rows, label_slot, poisoned_local,
                                                           row_max, take)
 from fastdistill.ops.common import check_float, row_labels
-from fastdistill.ops.loss_common import check_label_values, check_logits, check_loss_options
+from fastdistill.ops.loss_common import check_label_values, check_loss_options
+from fastdistill.ops.topk_distill_loss import check_topk_tensors
 from fastdistill.reference.distill_loss import divergence_from_logs, poisoned_rows
 from fastdistill.reference.topk_distill_loss import TAILS
 
@@ -120,29 +121,6 @@ def topk_chunk(z, lp, ids, labels, scale, shards: VocabShards, opt: LossOptions,
     return finish_rows(rows.detach(), grad, bad, valid, scale)
 
 
-def _check_topk(student, logprobs, indices, labels, V: int) -> None:
-    """fastdistill.topk_distill_loss's checks on this rank's slice, with the whole vocabulary's V."""
-    from fastdistill.ops.topk_distill_loss import INDEX_DTYPES
-
-    check_logits(student, student, labels)
-    for name, t in (("teacher_topk_logprobs", logprobs), ("teacher_topk_indices", indices)):
-        if t.device != student.device:
-            raise ValueError(f"{name}: on {t.device}, student_logits on {student.device}")
-    if not logprobs.is_floating_point():
-        raise TypeError(f"teacher_topk_logprobs: expected a floating-point tensor, got {logprobs.dtype}")
-    if indices.dtype not in INDEX_DTYPES:
-        raise TypeError(f"teacher_topk_indices: expected int32 or int64 token ids, got {indices.dtype}")
-    if logprobs.dim() != student.dim() or logprobs.shape[:-1] != student.shape[:-1]:
-        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(student.shape[:-1])} + (k,) to match "
-                         f"student_logits {tuple(student.shape)}, got {tuple(logprobs.shape)}")
-    if indices.shape != logprobs.shape:
-        raise ValueError(f"teacher_topk_indices: shape {tuple(indices.shape)} does not match teacher_topk_logprobs "
-                         f"shape {tuple(logprobs.shape)}")
-    if not 1 <= logprobs.shape[-1] <= V:
-        raise ValueError(f"teacher_topk_logprobs: k = {logprobs.shape[-1]} top-k entries per row, but the "
-                         f"vocabulary has V = {V} (need 1 <= k <= V)")
-
-
 def vocab_parallel_topk_distill_loss(student_logits, teacher_topk_logprobs, teacher_topk_indices, *,
                                      tail: str = "renormalize", labels=None, divergence: str = "kl",
                                      temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
@@ -167,7 +145,7 @@ def vocab_parallel_topk_distill_loss(student_logits, teacher_topk_logprobs, teac
         [("teacher_topk_logprobs", teacher_topk_logprobs), ("teacher_topk_indices", teacher_topk_indices),
          ("labels", labels)], group)
     V = shards.vocab
-    _check_topk(student, logprobs, indices, labels, V)
+    check_topk_tensors(student, logprobs, indices, labels, vocab=V)  # this rank's slice, the whole V
     check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels,
                        ignore_index)
     check_label_values(labels, V, int(ignore_index))

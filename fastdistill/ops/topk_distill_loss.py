@@ -56,9 +56,11 @@ torch.library.register_autograd("fastdistill::topk_distill_loss_triton", _BACKWA
 register_native(("topk_distill_loss_cpu",), _fake, (_BACKWARD, setup_loss_context))
 
 
-def _check_topk_tensors(student, logprobs, indices, labels):
+def check_topk_tensors(student, logprobs, indices, labels, vocab: Optional[int] = None):
+    """Types, devices and shapes of the top-k inputs; `vocab` is the whole vocabulary's V when `student`
+    holds only a slice of it (vocabulary parallel)."""
     check_logits(student, student, labels)  # student + labels, as distill_loss checks them
-    V = student.shape[-1]
+    V = student.shape[-1] if vocab is None else vocab
     for name, t in (("teacher_topk_logprobs", logprobs), ("teacher_topk_indices", indices)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -131,7 +133,7 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
     if divergence == "mse":
         raise ValueError("divergence: 'mse' compares raw logits, which top-k log-probabilities do not give; "
                          "use kl, reverse_kl, jsd, tvd, skew_kl or skew_reverse_kl")
-    _check_topk_tensors(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels)
+    check_topk_tensors(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels)
     check_loss_options(divergence, temperature, beta, skew, soft_weight, hard_weight, reduction, num_items, labels,
                        ignore_index)
     check_label_values(labels, student_logits.shape[-1], int(ignore_index))
