@@ -224,12 +224,16 @@ def test_rerun_rewrites_missing_and_corrupt_shards_only(tmp_path):
         byte = f.read(1)
         f.seek(-3, os.SEEK_END)
         f.write(bytes([byte[0] ^ 0xFF]))
+    teacher.calls = 0
     build(tmp_path, teacher, seqs)
     after = [file_state(f) for f in files]
     for j in (0, 2, 4):
         assert after[j] == before[j]
-    for j in (1, 3):
-        assert after[j][2] == before[j][2] and after[j][0] != before[j][0]  # rewritten, same bytes
+    # Both rewritten with the same bytes. The deleted shard's inode may be handed out again to its new file,
+    # so only the corrupt one (replaced while it still existed) is checked for a new inode.
+    assert after[1][2] == before[1][2]
+    assert after[3][2] == before[3][2] and after[3][0] != before[3][0]
+    assert teacher.calls > 0
     TeacherCache(tmp_path, verify=True)
 
 
