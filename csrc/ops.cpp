@@ -27,6 +27,19 @@ TORCH_LIBRARY(fastdistill, m) {
       "topk_distill_loss_cpu(Tensor student, Tensor teacher_logprobs, Tensor teacher_indices, Tensor? labels, "
       "Tensor scale, int tail, int divergence, float temperature, float weight, float soft_weight, "
       "float hard_weight, bool scale_t2, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  m.def(
+      "topk_distill_loss_cuda(Tensor student, Tensor teacher_logprobs, Tensor teacher_indices, Tensor? labels, "
+      "Tensor scale, int tail, int divergence, float temperature, float weight, float soft_weight, "
+      "float hard_weight, bool scale_t2, int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  // Distillation from k token ids drawn (with replacement, duplicates kept) from the teacher's
+  // distribution at temperature T, with the teacher's log-probabilities at those ids (RS-KD, the
+  // "counts" estimator: p_hat = the draws' empirical frequencies). Forward KL only. Same outputs as above.
+  const char* sampled =
+      "(Tensor student, Tensor teacher_logprobs, Tensor teacher_indices, Tensor? labels, Tensor scale, "
+      "float temperature, float soft_weight, float hard_weight, bool scale_t2, int ignore_index, "
+      "bool compute_grad) -> (Tensor, Tensor)";
+  m.def((std::string("sampled_distill_loss_cpu") + sampled).c_str());
+  m.def((std::string("sampled_distill_loss_cuda") + sampled).c_str());
   // ---- sparse (issue 4). Formats: fastdistill/sparse/formats.py. Shared rules for every op below: ----
   //   (argument checks for the kernels/bindings of these ops: csrc/include/fd_sparse_checks.h)
   //   * x / dy / values / bias: float32, bfloat16 or float16, all the SAME dtype (the weight is stored in the

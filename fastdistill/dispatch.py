@@ -77,14 +77,17 @@ def _cusparselt_reason() -> str | None:
 # The extension op family each op's cpu/cuda backends run (default: the op's own name). The fused
 # linear loss does its GEMMs through aten and its loss through the distill_loss kernels.
 NATIVE_FAMILY = {"fused_linear_distill_loss": "distill_loss",
+                 "fused_linear_topk_distill_loss": "topk_distill_loss",
+                 "fused_linear_sampled_distill_loss": "sampled_distill_loss",
                  "block_sparse_linear": "block_sparse_linear_fwd",  # + _dx_/_dw_ ops, same backend
                  "int8_linear": "int8_linear_epilogue"}  # cuda: torch._int_mm + epilogue; cpu: + int8_linear_cpu
 
 _ALL = ("triton", "cuda", "cpu", "reference")
-# Which backends each op has. topk_distill_loss has no CUDA kernel (triton serves CUDA tensors); the 2:4
-# linear also runs PyTorch's cuSPARSELt GEMM ("cusparselt") and decompress + dense GEMM ("dense").
+# Which backends each op has. The 2:4 linear also runs PyTorch's cuSPARSELt GEMM ("cusparselt") and
+# decompress + dense GEMM ("dense").
 OP_BACKENDS = {"distill_loss": _ALL, "fused_linear_distill_loss": _ALL,
-               "topk_distill_loss": ("triton", "cpu", "reference"),
+               "topk_distill_loss": _ALL, "fused_linear_topk_distill_loss": _ALL,
+               "sampled_distill_loss": _ALL, "fused_linear_sampled_distill_loss": _ALL,
                "block_sparse_linear": _ALL,
                "semi_structured_linear": ("triton", "cuda", "cpu", "cusparselt", "dense", "reference"),
                "quantize_per_token": _ALL, "int8_linear": _ALL, "int8_weight_only_linear": _ALL}

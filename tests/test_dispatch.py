@@ -5,10 +5,13 @@ import torch
 from fastdistill import dispatch
 
 
-def test_topk_has_no_cuda_backend():
-    assert "cuda" not in dispatch.OP_BACKENDS["topk_distill_loss"]
-    with pytest.raises(dispatch.BackendError, match="topk_distill_loss has no cuda backend"):
-        dispatch.select("topk_distill_loss", "cuda", torch.device("cpu"), (torch.float32,))
+def test_offline_target_ops_have_every_backend():
+    for op in ("topk_distill_loss", "sampled_distill_loss", "fused_linear_topk_distill_loss",
+               "fused_linear_sampled_distill_loss"):
+        assert dispatch.OP_BACKENDS[op] == ("triton", "cuda", "cpu", "reference"), op
+        with pytest.raises(dispatch.BackendError, match="cuda: runs on cuda tensors, got cpu"):
+            dispatch.select(op, "cuda", torch.device("cpu"), (torch.float32,))
+    assert dispatch.NATIVE_FAMILY["fused_linear_topk_distill_loss"] == "topk_distill_loss"
 
 
 def test_semi_structured_choices_live_in_the_table():

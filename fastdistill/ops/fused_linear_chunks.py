@@ -1,4 +1,6 @@
-"""The chunk loop of fused_linear_distill_loss, shared by every backend.
+"""The chunk loop of the fused linear losses (fused_linear_distill_loss, fused_linear_topk_distill_loss,
+fused_linear_sampled_distill_loss), shared by every backend: run_student_chunks is the student side,
+run_chunks adds a teacher head.
 
 Per chunk of tokens: both heads' logits in float32 (aten GEMMs), each model's logit_scale / softcap in place,
 the smaller vocabulary padded with -inf, then one backend's fused loss kernel gives the row losses
@@ -96,23 +98,30 @@ def _chain_(grad: torch.Tensor, capped: torch.Tensor, logit_scale: float, softca
     return grad
 
 
-def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
-               teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
-               labels: Optional[torch.Tensor], row_weights: Optional[torch.Tensor], loss_fn: LossFn, *,
-               logit_scale: float, softcap: float, teacher_logit_scale: float, teacher_softcap: float,
-               chunk_size: int, need_grad_hidden: bool,
-               need_grad_weight: bool, need_grad_bias: bool, ignore_index: int = -100):
-    """Row losses ([N], float32; float64 for float64 weights) and the requested gradients of sum(rows · row_weights).
+# chunk_loss(start, end, student_logits, labels, want_grad) -> (row losses of rows [start, end), float32
+# already times the scale; d(sum of those rows)/d(student_logits) float32 with >= V_s columns, or None).
+# student_logits are the chunk's transformed float32 logits [end - start, V_s]; the loss must not modify them
+# (softcap's chain rule reads them afterwards).
+ChunkLossFn = Callable[[int, int, torch.Tensor, Optional[torch.Tensor], bool],
+                       tuple[torch.Tensor, Optional[torch.Tensor]]]
 
-    logit_scale / softcap transform the student's logits, teacher_logit_scale / teacher_softcap the
-    teacher's (softcap 0: none). Returns (rows, grad_hidden, grad_weight, grad_bias); a gradient not
-    requested is None. Gradients
-    come back in their parameter's dtype; the weight and bias gradients are accumulated in float32.
+
+def run_student_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                       student_bias: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+                       row_weights: Optional[torch.Tensor], chunk_loss: ChunkLossFn, *, logit_scale: float,
+                       softcap: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
+                       need_grad_bias: bool, ignore_index: int = -100):
+    """The student side of every fused linear loss: per chunk of rows the student's logits (GEMM,
+    logit_scale, softcap), `chunk_loss` for the rows' losses and d(loss)/d(logits), then that gradient
+    back through softcap and the GEMM into the requested gradients of sum(rows · row_weights).
+
+    Returns (rows [N] float32 (float64 for float64 weights), grad_hidden, grad_weight, grad_bias); a
+    gradient not requested is None. Gradients come back in their parameter's dtype; the weight and bias
+    gradients are accumulated in float32.
     """
     n_rows = student_hidden.shape[0]
-    vocab = max(student_weight.shape[0], teacher_weight.shape[0])
     v_s = student_weight.shape[0]
-    student, teacher = _Head(student_weight, student_bias), _Head(teacher_weight, teacher_bias)
+    student = _Head(student_weight, student_bias)
     want_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     rows = new_output((n_rows,), like=student_hidden, dtype=student.dtype)
     grad_hidden = new_output(student_hidden.shape, like=student_hidden) if need_grad_hidden else None
@@ -126,13 +135,11 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
         if chunk_labels is not None:  # ignored rows may hold anything (NaN padding): 0 · NaN would leak into
             h_s = h_s.masked_fill((chunk_labels == ignore_index).unsqueeze(-1), 0)  # dW and softcap's chain rule
         s = _transform_(student.logits(h_s), logit_scale, softcap)
-        with torch.no_grad():
-            t = _transform_(teacher.logits(teacher_hidden[start:end]), teacher_logit_scale, teacher_softcap)
-        loss_rows, grad = loss_fn(pad_vocab(s, vocab), pad_vocab(t, vocab), chunk_labels, want_grad)
+        loss_rows, grad = chunk_loss(start, end, s, chunk_labels, want_grad)
         rows[start:end] = loss_rows
         if not want_grad:
             continue
-        grad = grad[:, :v_s] if vocab != v_s else grad
+        grad = grad[:, :v_s] if grad.shape[-1] != v_s else grad
         if row_weights is not None:
             grad.mul_(row_weights[start:end].unsqueeze(-1))
         _chain_(grad, s, logit_scale, softcap)
@@ -147,3 +154,25 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
     if grad_bias is not None:
         grad_bias = grad_bias.to(student_bias.dtype)
     return rows, grad_hidden, grad_weight, grad_bias
+
+
+def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
+               teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
+               labels: Optional[torch.Tensor], row_weights: Optional[torch.Tensor], loss_fn: LossFn, *,
+               logit_scale: float, softcap: float, teacher_logit_scale: float, teacher_softcap: float,
+               chunk_size: int, need_grad_hidden: bool,
+               need_grad_weight: bool, need_grad_bias: bool, ignore_index: int = -100):
+    """run_student_chunks with a teacher head: per chunk the teacher's logits (teacher_logit_scale,
+    teacher_softcap; softcap 0: none), the smaller vocabulary padded with -inf, then `loss_fn`."""
+    vocab = max(student_weight.shape[0], teacher_weight.shape[0])
+    teacher = _Head(teacher_weight, teacher_bias)
+
+    def chunk_loss(start, end, s, chunk_labels, want_grad):
+        with torch.no_grad():
+            t = _transform_(teacher.logits(teacher_hidden[start:end]), teacher_logit_scale, teacher_softcap)
+        return loss_fn(pad_vocab(s, vocab), pad_vocab(t, vocab), chunk_labels, want_grad)
+
+    return run_student_chunks(student_hidden, student_weight, student_bias, labels, row_weights, chunk_loss,
+                              logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size,
+                              need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight,
+                              need_grad_bias=need_grad_bias, ignore_index=ignore_index)

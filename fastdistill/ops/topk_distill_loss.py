@@ -2,6 +2,7 @@
 
 Custom ops (one per backend, same schema):
     fastdistill::topk_distill_loss_cpu      defined in csrc/ops.cpp, kernel in csrc/cpu/topk_distill_loss.cpp
+    fastdistill::topk_distill_loss_cuda     defined in csrc/ops.cpp, kernel in csrc/cuda/topk_distill_loss.cu
     fastdistill::topk_distill_loss_triton   defined here, kernel in fastdistill/kernels/topk_distill_loss.py
 Each returns (row losses in float32 already multiplied by `scale`, gradient w.r.t. the full student
 logits in their dtype), like the distill_loss ops, whose validation, scaling and autograd this reuses.
@@ -53,7 +54,7 @@ def _fake(student, teacher_logprobs, teacher_indices, labels, scale, tail, diver
 _BACKWARD = loss_backward(14)  # arguments of the topk_distill_loss_<backend> ops
 torch.library.register_fake("fastdistill::topk_distill_loss_triton")(_fake)
 torch.library.register_autograd("fastdistill::topk_distill_loss_triton", _BACKWARD, setup_context=setup_loss_context)
-register_native(("topk_distill_loss_cpu",), _fake, (_BACKWARD, setup_loss_context))
+register_native(("topk_distill_loss_cpu", "topk_distill_loss_cuda"), _fake, (_BACKWARD, setup_loss_context))
 
 
 def check_topk_tensors(student, logprobs, indices, labels, vocab: Optional[int] = None):
