@@ -1,7 +1,7 @@
 """Command line for the teacher cache:
 
-    python -m fastdistill.cache build --teacher MODULE:ATTR --data MODULE:ATTR --out DIR [--k 64]
-        [--temperature 1.0] [--dtype float16|bfloat16] [--batch-size 8] [--shard-size N]
+    python -m fastdistill.cache build --teacher MODULE:ATTR --data MODULE:ATTR --out DIR
+        [--targets topk|sampled] [--k 64] [--temperature 1.0] [--seed 0] [--dtype float16|bfloat16] [--batch-size 8] [--shard-size N]
         [--device cpu] [--teacher-name NAME] [--teacher-hash HASH] [--overwrite] [--no-progress]
     python -m fastdistill.cache info DIR [--json] [--verify]
 
@@ -102,7 +102,8 @@ def _build(args) -> int:
     data = _resolve_data(args.data)
     if args.device is not None and isinstance(teacher, torch.nn.Module):
         teacher = teacher.to(args.device)
-    cache = build_cache(args.out, teacher, data, k=args.k, temperature=args.temperature, dtype=args.dtype,
+    cache = build_cache(args.out, teacher, data, targets=args.targets, k=args.k, temperature=args.temperature,
+                        seed=args.seed, dtype=args.dtype,
                         batch_size=args.batch_size, shard_size=args.shard_size, teacher_name=args.teacher_name,
                         teacher_hash=args.teacher_hash, device=args.device, progress=not args.no_progress,
                         overwrite=args.overwrite)
@@ -125,17 +126,20 @@ def _info(args) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Teacher top-k logit cache for offline distillation.",
+        prog=PROG, description="Teacher logit cache (top-k or sampled targets) for offline distillation.",
         epilog="See `python -m pydoc fastdistill.cache.__main__` for the MODULE:ATTR rule.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("build", help="run a teacher over a token dataset and cache its top-k log-probabilities")
+    p = sub.add_parser("build", help="run a teacher over a token dataset and cache k targets per position")
     p.add_argument("--teacher", required=True, metavar="MODULE:ATTR",
                    help="nn.Module, factory (called with no arguments) or logits function")
     p.add_argument("--data", required=True, metavar="MODULE:ATTR",
                    help="dataset of 1-D token id tensors, or a factory of one")
     p.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed if present)")
+    p.add_argument("--targets", choices=["topk", "sampled"], default="topk",
+                   help="topk: the k most likely ids; sampled: k seeded draws (RS-KD, unbiased)")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (--targets sampled)")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=1024, help="sequences per shard (default 1024)")

@@ -1,8 +1,10 @@
-"""Reading a teacher cache: `TeacherCache`, a torch Dataset aligned with the token stream, and
-`collate_topk`, which pads a batch of its items for a DataLoader."""
+"""Reading a teacher cache: `TeacherCache`, a torch Dataset aligned with the token stream, whose
+`collate` pads a batch of its items for a DataLoader (collate_topk / collate_sampled live in
+fastdistill/cache/collate.py)."""
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 import operator
 import os
@@ -14,30 +16,44 @@ from safetensors import safe_open
 from torch.utils.data import Dataset
 
 from fastdistill.cache import manifest as mf
+from fastdistill.cache.collate import collate_sampled, collate_topk
 from fastdistill.cache.manifest import TeacherCacheError
+from fastdistill.cache.targets import TeacherTargets
 from fastdistill.cache.writer import write_cache
+
+__all__ = ["TeacherCache", "collate_sampled", "collate_topk"]
 
 _OPEN_SHARDS = 4  # safe_open handles kept per process; a shuffled DataLoader hops between shards
 
 
 class TeacherCache(Dataset):
-    """Teacher top-k log-probabilities cached on disk, one item per sequence of the token stream it
-    was built from. Item i is a dict:
+    """Teacher targets cached on disk, one item per sequence of the token stream it was built from.
+    Item i of a top-k cache (targets="topk") is a dict:
         input_ids      (L,)    int64     the tokens of dataset item i
         topk_logprobs  (L, k)  float16 | bfloat16   log_softmax(teacher_logits / T), top k, descending
         topk_indices   (L, k)  int32     their token ids
-    Position t holds the teacher's distribution at position t (for a causal LM: over token t + 1),
+    and of a sampled cache (targets="sampled", see fastdistill.cache.sampling):
+        input_ids         (L,)    int64
+        sampled_logprobs  (L, k)  float16 | bfloat16   log_softmax(teacher_logits / T) at each draw
+        sampled_indices   (L, k)  int32     k draws with replacement, ascending, duplicates kept
+    `cache.collate` pads a list of items and adds a TeacherTargets (batch["teacher"]) that the losses
+    check against their call (kind, temperature, vocabulary). Position t holds the teacher's distribution at position t (for a causal LM: over token t + 1),
     aligned with the student's logits at position t. Build one with `TeacherCache.build`.
 
     Opening checks the manifest, that every shard file exists and that its tensor shapes and dtypes
     agree with the manifest (headers only); `verify=True` also compares each file's sha256 and the
-    manifest's own sha256 (so an edited vocab_size, count or shard hash is caught).
+    manifest's own sha256 (so an edited vocab_size, count or shard hash is caught). expected_vocab,
+    expected_k, expected_temperature and expected_targets ("topk" | "sampled") raise a
+    TeacherCacheError naming the field when the cache differs.
     Shards are read lazily, by rows, through memory-mapped safetensors files.
     """
 
     def __init__(self, path: str, *, expected_vocab: Optional[int] = None, expected_k: Optional[int] = None,
+                 expected_temperature: Optional[float] = None, expected_targets: Optional[str] = None,
                  verify: bool = False):
         self.path = os.fspath(path)
+        if expected_targets is not None and expected_targets not in mf.TARGETS:
+            raise ValueError(f"expected_targets: expected one of {mf.TARGETS} or None, got {expected_targets!r}")
         m = mf.read_manifest(self.path)
         if not m["complete"]:
             done = sum(s["num_sequences"] for s in m["shards"])
@@ -52,6 +68,13 @@ class TeacherCache(Dataset):
                                     f"{expected_vocab}")
         if expected_k is not None and m["k"] != expected_k:
             raise TeacherCacheError(f"teacher cache {self.path}: k is {m['k']}, expected {expected_k}")
+        if expected_temperature is not None and not math.isclose(m["temperature"], expected_temperature, rel_tol=1e-6):
+            raise TeacherCacheError(f"teacher cache {self.path}: temperature is {m['temperature']}, expected "
+                                    f"{expected_temperature} (log-probabilities at one temperature are not those at "
+                                    f"another)")
+        if expected_targets is not None and mf.targets_of(m) != expected_targets:
+            raise TeacherCacheError(f"teacher cache {self.path}: targets is {mf.targets_of(m)!r}, expected "
+                                    f"{expected_targets!r}")
         if verify:
             mf.check_manifest_hash(m, self.path)
         self._manifest = m
@@ -63,21 +86,21 @@ class TeacherCache(Dataset):
         self._handles: OrderedDict = OrderedDict()
 
     @classmethod
-    def open(cls, path: str, *, expected_vocab: Optional[int] = None, expected_k: Optional[int] = None,
-             verify: bool = False) -> "TeacherCache":
+    def open(cls, path: str, **kwargs) -> "TeacherCache":
         """Same as TeacherCache(path, ...)."""
-        return cls(path, expected_vocab=expected_vocab, expected_k=expected_k, verify=verify)
+        return cls(path, **kwargs)
 
     @staticmethod
-    def build(path, teacher, dataset, *, k: int = 64, temperature: float = 1.0, dtype=torch.float16,
-              batch_size: int = 8, shard_size: int = 1024, teacher_name: Optional[str] = None,
-              teacher_hash: Optional[str] = None, device=None, progress: bool = True,
-              overwrite: bool = False) -> "TeacherCache":
+    def build(path, teacher, dataset, *, targets: str = "topk", k: int = 64, temperature: float = 1.0,
+              seed: int = 0, dtype=torch.float16, batch_size: int = 8, shard_size: int = 1024,
+              teacher_name: Optional[str] = None, teacher_hash: Optional[str] = None, device=None,
+              progress: bool = True, overwrite: bool = False) -> "TeacherCache":
         """Runs `teacher` over `dataset`, writes (or resumes) the cache in `path` and opens it.
-        The arguments are those of fastdistill.cache.writer.write_cache, documented there."""
-        write_cache(path, teacher, dataset, k=k, temperature=temperature, dtype=dtype, batch_size=batch_size,
-                    shard_size=shard_size, teacher_name=teacher_name, teacher_hash=teacher_hash, device=device,
-                    progress=progress, overwrite=overwrite)
+        The arguments are those of fastdistill.cache.writer.write_cache, documented there
+        (targets="topk" | "sampled"; seed: the sampling seed)."""
+        write_cache(path, teacher, dataset, targets=targets, k=k, temperature=temperature, seed=seed, dtype=dtype,
+                    batch_size=batch_size, shard_size=shard_size, teacher_name=teacher_name,
+                    teacher_hash=teacher_hash, device=device, progress=progress, overwrite=overwrite)
         return TeacherCache(path)
 
     # -- checks -----------------------------------------------------------------------------------
@@ -96,9 +119,10 @@ class TeacherCache(Dataset):
                 raise TeacherCacheError(f"teacher cache {self.path}: shard file {s['file']} is corrupt: sha256 "
                                         f"{digest}, the manifest says {s['sha256']} (rerun build to rewrite it)")
         k, n, t = self.k, s["num_sequences"], s["num_tokens"]
+        values_name, indices_name = mf.tensor_names(self.targets)
         want = {"input_ids": ((t,), "I32"), "offsets": ((n + 1,), "I64"),
-                "topk_logprobs": ((t, k), {"float16": "F16", "bfloat16": "BF16"}[self._manifest["value_dtype"]]),
-                "topk_indices": ((t, k), "I32")}
+                values_name: ((t, k), {"float16": "F16", "bfloat16": "BF16"}[self._manifest["value_dtype"]]),
+                indices_name: ((t, k), "I32")}
         try:
             with safe_open(file, framework="pt") as f:
                 keys = set(f.keys())
@@ -168,19 +192,48 @@ class TeacherCache(Dataset):
         j = index - self._starts[shard]
         lo, hi = offsets[j], offsets[j + 1]
         h = self._handle(shard)
+        values_name, indices_name = mf.tensor_names(self.targets)
         # Slices read only these rows from the mmap; clone so no item pins the shard's pages.
         return {"input_ids": h.get_slice("input_ids")[lo:hi].to(torch.int64),
-                "topk_logprobs": h.get_slice("topk_logprobs")[lo:hi].clone(),
-                "topk_indices": h.get_slice("topk_indices")[lo:hi].clone()}
+                values_name: h.get_slice(values_name)[lo:hi].clone(),
+                indices_name: h.get_slice(indices_name)[lo:hi].clone()}
+
+    def collate(self, batch: Sequence[dict], *, pad_id: int = 0, label_pad: int = -100) -> dict:
+        """Pads a list of this cache's items (DataLoader(cache, collate_fn=cache.collate); a bound method
+        of a picklable cache, so it travels to DataLoader workers): the keys of collate_topk (top-k) or
+        collate_sampled (sampled), plus batch["teacher"], a TeacherTargets with this cache's kind,
+        temperature, vocabulary and estimator, which the losses take in place of (logprobs, indices)
+        and check against their call. Padding: top-k rows -inf, sampled rows id 0 at log-probability 0
+        (see collate_sampled); either way mask them out with labels."""
+        if self.targets == "topk":
+            out = collate_topk(batch, pad_id=pad_id, label_pad=label_pad)
+        else:
+            out = collate_sampled(batch, pad_id=pad_id, label_pad=label_pad)
+        values_name, indices_name = mf.tensor_names(self.targets)
+        if out[values_name].shape[-1] != self.k:
+            raise ValueError(f"batch: items have k={out[values_name].shape[-1]}, this cache has k={self.k} (items of "
+                             f"another cache?)")
+        sampling = self._manifest.get("sampling")
+        out["teacher"] = TeacherTargets(self.targets, out[values_name], out[indices_name], self.temperature,
+                                        self.vocab_size, None if sampling is None else sampling["estimator"])
+        return out
 
     # -- metadata ---------------------------------------------------------------------------------
 
     @property
     def manifest(self) -> dict:
         """A copy of the manifest (see fastdistill/cache/manifest.py for the fields)."""
-        import copy
-
         return copy.deepcopy(self._manifest)
+
+    @property
+    def targets(self) -> str:
+        """"topk" or "sampled" (a version-1 cache is "topk")."""
+        return mf.targets_of(self._manifest)
+
+    @property
+    def sampling(self) -> Optional[dict]:
+        """A sampled cache's {"method", "estimator", "seed", "device"}; None for top-k."""
+        return copy.deepcopy(self._manifest.get("sampling"))
 
     @property
     def k(self) -> int:
@@ -196,7 +249,7 @@ class TeacherCache(Dataset):
 
     @property
     def dtype(self) -> torch.dtype:
-        """dtype of topk_logprobs."""
+        """dtype of the stored log-probabilities (topk_logprobs / sampled_logprobs)."""
         return self._value_dtype
 
     @property
@@ -221,7 +274,7 @@ class TeacherCache(Dataset):
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes of top-k values + int32 ids per token (k=64, float16: 64 * (2 + 4) = 384)."""
+        """Bytes of the k values + int32 ids per token, top-k or sampled (k=64, float16: 64 * (2 + 4) = 384)."""
         return mf.bytes_per_token(self.k, self._manifest["value_dtype"])
 
     @property
@@ -238,7 +291,8 @@ class TeacherCache(Dataset):
         return mf.summarize(self._manifest, self.path)
 
     def __repr__(self) -> str:
-        return (f"TeacherCache({self.path!r}, sequences={self.num_sequences}, tokens={self.num_tokens}, k={self.k}, "
+        return (f"TeacherCache({self.path!r}, targets={self.targets}, sequences={self.num_sequences}, "
+                f"tokens={self.num_tokens}, k={self.k}, "
                 f"temperature={self.temperature:g}, vocab_size={self.vocab_size}, "
                 f"dtype={self._manifest['value_dtype']})")
 
@@ -256,39 +310,3 @@ def _as_index(index) -> int:
             pass
     raise TypeError(f"index: expected an integer (int, numpy or 0-d torch integer), got {index!r} of type "
                     f"{type(index).__name__}")
-
-
-def collate_topk(batch: Sequence[dict], *, pad_id: int = 0, pad_logprob: float = -math.inf,
-                 label_pad: int = -100) -> dict:
-    """Pads a list of TeacherCache items on the right into one batch, for DataLoader(collate_fn=...):
-        input_ids       (B, L) int64   padded with pad_id
-        attention_mask  (B, L) int64   1 on real tokens, 0 on padding
-        labels          (B, L) int64   input_ids with label_pad (-100) on padding, unshifted as
-                                       Hugging Face causal LMs expect (they shift internally); as
-                                       the ignore mask of a per-position loss it lines up with
-                                       topk_logprobs; as next-token targets use labels[:, 1:]
-                                       against logits[:, :-1]
-        topk_logprobs   (B, L, k)      padded with pad_logprob (-inf: no probability mass)
-        topk_indices    (B, L, k) int32 padded with 0
-    Use functools.partial(collate_topk, pad_id=...) for other pad values. Mask padded positions out
-    of the loss (attention_mask == 0 or labels == -100): their top-k rows carry no distribution."""
-    if len(batch) == 0:
-        raise ValueError("collate_topk: empty batch")
-    lengths = [item["input_ids"].shape[0] for item in batch]
-    B, L = len(batch), max(lengths)
-    first = batch[0]["topk_logprobs"]
-    k = first.shape[-1]
-    input_ids = torch.full((B, L), pad_id, dtype=torch.int64)
-    attention_mask = torch.zeros((B, L), dtype=torch.int64)
-    logprobs = torch.full((B, L, k), pad_logprob, dtype=first.dtype)
-    indices = torch.zeros((B, L, k), dtype=torch.int32)
-    for b, (item, n) in enumerate(zip(batch, lengths)):
-        if item["topk_logprobs"].shape[-1] != k:
-            raise ValueError(f"collate_topk: item {b} has k={item['topk_logprobs'].shape[-1]}, item 0 has k={k}")
-        input_ids[b, :n] = item["input_ids"]
-        attention_mask[b, :n] = 1
-        logprobs[b, :n] = item["topk_logprobs"]
-        indices[b, :n] = item["topk_indices"]
-    labels = input_ids.masked_fill(attention_mask == 0, label_pad)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-            "topk_logprobs": logprobs, "topk_indices": indices}

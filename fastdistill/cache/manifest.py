@@ -6,6 +6,12 @@ a contiguous run of sequences:
     offsets        (seqs + 1,)    int64   sequence j is input_ids[offsets[j]:offsets[j + 1]]
     topk_logprobs  (tokens, k)    float16 | bfloat16   log_softmax(logits / T), top k, descending
     topk_indices   (tokens, k)    int32   their token ids
+or, in a cache built with targets="sampled" (format_version 2), in place of the topk_* tensors:
+    sampled_logprobs (tokens, k)  float16 | bfloat16   log_softmax(logits / T) at each draw
+    sampled_indices  (tokens, k)  int32   k draws with replacement from softmax(logits / T), ascending
+The manifest's `targets` ("topk" | "sampled") says which; a sampled cache's `sampling` records the
+method, the estimator, the seed and the device type the draws were made on (fastdistill/cache/sampling.py).
+A version-1 manifest (no `targets`) is a top-k cache.
 """
 from __future__ import annotations
 
@@ -20,8 +26,12 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
+from fastdistill.cache import sampling
+
 FORMAT = "fastdistill.teacher_cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: top-k caches before sampled targets (no `targets` key)
+TARGETS = ("topk", "sampled")
 MANIFEST_NAME = "manifest.json"
 TMP_PREFIX = ".tmp-"
 HASH_KEY = "manifest_sha256"  # sha256 of the manifest's other fields: TeacherCache(verify=True) checks it
@@ -29,13 +39,15 @@ VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 INDEX_BYTES = 4  # int32 token ids
 
 # Parameters a resumed build must share with the cache on disk (vocab_size is checked once the
-# teacher has produced logits).
-BUILD_KEYS = ("k", "temperature", "value_dtype", "teacher_hash", "token_stream_hash", "num_sequences",
-              "num_tokens", "shard_size")
+# teacher has produced logits); "sampling.<key>" are fields of the sampling record (see build_fields).
+BUILD_KEYS = ("targets", "k", "temperature", "value_dtype", "teacher_hash", "token_stream_hash", "num_sequences",
+              "num_tokens", "shard_size", "sampling.method", "sampling.estimator", "sampling.seed",
+              "sampling.device")
 
 _TOP_KEYS = {"format": str, "format_version": int, "k": int, "temperature": float, "vocab_size": (int, type(None)),
              "teacher_name": str, "teacher_hash": str, "value_dtype": str, "num_sequences": int, "num_tokens": int,
              "shard_size": int, "token_stream_hash": str, "shards": list, "complete": bool}
+_SAMPLING_KEYS = {"method": str, "estimator": str, "seed": int, "device": str}
 _SHARD_KEYS = {"file": str, "first_sequence": int, "num_sequences": int, "num_tokens": int, "sha256": str}
 
 
@@ -67,8 +79,26 @@ def value_dtype_name(dtype) -> str:
     return name
 
 
+def targets_of(m: dict) -> str:
+    """"topk" | "sampled"; a version-1 manifest has no `targets` and is a top-k cache."""
+    return m.get("targets", "topk")
+
+
+def tensor_names(targets: str) -> tuple[str, str]:
+    """The shard (and item) names of the log-probabilities and ids: topk_* or sampled_*."""
+    return f"{targets}_logprobs", f"{targets}_indices"
+
+
+def build_fields(m: dict) -> dict:
+    """BUILD_KEYS -> value, read from a manifest of any version (absent sampling fields are None)."""
+    sampling = m.get("sampling") or {}
+    return {key: (sampling.get(key.split(".", 1)[1]) if key.startswith("sampling.") else
+                  targets_of(m) if key == "targets" else m[key]) for key in BUILD_KEYS}
+
+
 def bytes_per_token(k: int, value_dtype: str) -> int:
-    """Stored bytes per token for the top-k values and their int32 ids (input ids not counted)."""
+    """Stored bytes per token for the k values and their int32 ids (input ids not counted); the same
+    for top-k and sampled targets."""
     return k * (VALUE_DTYPES[value_dtype].itemsize + INDEX_BYTES)
 
 
@@ -222,10 +252,11 @@ def validate_manifest(m: Any, path: str) -> dict:
     where = f"teacher cache manifest {path}"
     if isinstance(m, dict) and m.get("format") not in (None, FORMAT):
         raise TeacherCacheError(f"{where}: format is {m.get('format')!r}, expected {FORMAT!r}")
-    if isinstance(m, dict) and "format_version" in m and m["format_version"] != FORMAT_VERSION:
+    if isinstance(m, dict) and "format_version" in m and m["format_version"] not in READ_VERSIONS:
         raise TeacherCacheError(f"{where}: unsupported format_version {m['format_version']!r} (this fastdistill "
-                                f"reads version {FORMAT_VERSION}); rebuild the cache with build(..., overwrite=True)")
+                                f"reads versions {READ_VERSIONS}); rebuild the cache with build(..., overwrite=True)")
     _check_fields(m, _TOP_KEYS, where)
+    _check_targets(m, where)
     if m["value_dtype"] not in VALUE_DTYPES:
         raise TeacherCacheError(f"{where}: value_dtype {m['value_dtype']!r} is not one of {sorted(VALUE_DTYPES)}")
     if m["k"] < 1 or m["shard_size"] < 1 or m["num_sequences"] < 0 or m["num_tokens"] < 0:
@@ -241,6 +272,28 @@ def validate_manifest(m: Any, path: str) -> dict:
         if os.path.basename(s["file"]) != s["file"] or not is_cache_file(s["file"]):
             raise TeacherCacheError(f"{where}: shards[{i}] file {s['file']!r} is not a shard file name")
     return m
+
+
+def _check_targets(m: dict, where: str) -> None:
+    """`targets` (required from version 2) and, for sampled targets, a `sampling` record this
+    fastdistill can read: the draws' method and estimator are the ones the sampled losses implement."""
+    if m["format_version"] == 1:
+        if "targets" in m or "sampling" in m:
+            raise TeacherCacheError(f"{where}: format_version 1 has no targets/sampling keys (version 2 does)")
+        return
+    if "targets" not in m:
+        raise TeacherCacheError(f"{where}: missing key 'targets'")
+    if m["targets"] not in TARGETS:
+        raise TeacherCacheError(f"{where}: targets {m['targets']!r} is not one of {TARGETS}")
+    if m["targets"] == "topk":
+        if m.get("sampling") is not None:
+            raise TeacherCacheError(f"{where}: a top-k cache has no sampling record, got {m['sampling']!r}")
+        return
+    _check_fields(m.get("sampling"), _SAMPLING_KEYS, f"{where}: sampling")
+    for key, known in (("method", sampling.METHOD), ("estimator", sampling.ESTIMATOR)):
+        if m["sampling"][key] != known:
+            raise TeacherCacheError(f"{where}: sampling {key} {m['sampling'][key]!r} is not one this fastdistill "
+                                    f"reads ({known!r})")
 
 
 def read_manifest(path: str) -> dict:
@@ -297,17 +350,27 @@ def summarize(m: dict, path: str) -> str:
              f"INCOMPLETE: {len(m['shards'])}/{n_shards} shards, {done_seqs}/{m['num_sequences']} sequences "
              f"(rerun build with the same arguments to resume)")
     bpt = bytes_per_token(m["k"], m["value_dtype"])
+    kind = targets_of(m)
+    label = "top-k" if kind == "topk" else "sampled"
     lines = [f"teacher cache {path}: {state}",
              f"  teacher       {m['teacher_name']} ({m['teacher_hash']})",
              f"  sequences     {m['num_sequences']:,} in {n_shards} shards of <= {m['shard_size']:,}",
-             f"  tokens        {m['num_tokens']:,}",
-             f"  top-k         k={m['k']} at temperature {m['temperature']:g}, {m['value_dtype']} values + int32 ids"]
+             f"  tokens        {m['num_tokens']:,}"]
+    if kind == "topk":
+        lines.append(f"  targets       topk: k={m['k']} at temperature {m['temperature']:g}, {m['value_dtype']} values "
+                     f"+ int32 ids")
+    else:
+        s = m["sampling"]
+        lines.append(f"  targets       sampled: k={m['k']} draws per position at temperature {m['temperature']:g}, "
+                     f"{m['value_dtype']} log-probabilities + int32 ids")
+        lines.append(f"  sampling      {s['method']}, estimator {s['estimator']}, seed {s['seed']}, drawn on "
+                     f"{s['device']}")
     if m["vocab_size"] is None:
-        lines.append(f"  bytes/token   {bpt:,} B (top-k); vocab size not known yet")
+        lines.append(f"  bytes/token   {bpt:,} B ({label}); vocab size not known yet")
     else:
         full = full_vocab_bytes_per_token(m["vocab_size"], m["value_dtype"])
         lines.append(f"  vocab size    {m['vocab_size']:,}")
-        lines.append(f"  bytes/token   {bpt:,} B (top-k) vs {full:,} B (full vocab, {m['value_dtype']}): "
+        lines.append(f"  bytes/token   {bpt:,} B ({label}) vs {full:,} B (full vocab, {m['value_dtype']}): "
                      f"{full / bpt:.1f}x smaller")
-    lines.append(f"  top-k data    {_size(bpt * m['num_tokens'])} for all tokens")
+    lines.append(f"  {label + ' data':<13} {_size(bpt * m['num_tokens'])} for all tokens")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
-"""Writing a teacher cache: run the teacher over a token dataset, keep the top k log-probabilities
-of each position, write them in shards with a manifest; resume an interrupted build.
+"""Writing a teacher cache: run the teacher over a token dataset, keep k targets per position (its
+top k log-probabilities, or k seeded draws from its distribution), write them in shards with a
+manifest; resume an interrupted build.
 
 `write_cache` writes the files only; `TeacherCache.build` (= `build_cache`) calls it and opens the
 result. This module imports no reader, so reading and writing do not import each other."""
@@ -9,12 +10,14 @@ import json
 import math
 import numbers
 import os
+import re
 from typing import Callable, Optional
 
 import torch
 
 from fastdistill.cache import manifest as mf
 from fastdistill.cache.manifest import TeacherCacheError
+from fastdistill.cache.sampling import ESTIMATOR, METHOD, sample_teacher_targets, sequence_seed
 
 
 def _positive_int(name, value):
@@ -132,9 +135,9 @@ class _Run:
         file = os.path.join(self.path, planned["file"])
         return os.path.isfile(file) and mf.sha256_file(file) == recorded["sha256"]
 
-    def _topk(self, seqs: list[torch.Tensor], first: int):
+    def _targets(self, seqs: list[torch.Tensor], first: int):
         """Teacher forward on one right-padded batch (dataset items first, first + 1, ...); per sequence
-        log_softmax(logits / T).topk(k)."""
+        log_softmax(logits / T).topk(k), or k draws seeded by the sequence's index alone."""
         k, temperature = self.m["k"], self.m["temperature"]
         lens = [s.numel() for s in seqs]
         out = [None] * len(seqs)
@@ -155,14 +158,35 @@ class _Run:
                                         f"{self.m['vocab_size']}, the teacher returns V={vocab}; pass "
                                         f"overwrite=True to start over")
             for row, i in enumerate(live):
-                logprobs = torch.log_softmax(logits[row, :lens[i]].float() / temperature, dim=-1)
-                values, indices = logprobs.topk(k, dim=-1, sorted=True)
-                _check_finite(values, first + i)
+                if self.m["targets"] == "sampled":
+                    values, indices = self._draw(logits[row, :lens[i]], first + i)
+                else:
+                    logprobs = torch.log_softmax(logits[row, :lens[i]].float() / temperature, dim=-1)
+                    values, indices = logprobs.topk(k, dim=-1, sorted=True)
+                    _check_finite(values, first + i)
                 out[i] = (values.to(self.value_dtype).cpu(), indices.to(torch.int32).cpu())
         for i, n in enumerate(lens):
             if n == 0:
                 out[i] = (torch.empty((0, k), dtype=self.value_dtype), torch.empty((0, k), dtype=torch.int32))
         return out
+
+    def _draw(self, logits: torch.Tensor, index: int):
+        """k draws per position of dataset item `index`, from a generator seeded by (seed, index) on the
+        device recorded in the manifest: the same draws whatever the batch or the order of (re)builds."""
+        device = self.m["sampling"]["device"]
+        if logits.device.type != device:
+            raise ValueError(f"teacher: returned logits on {logits.device}, but this build draws on {device} (the "
+                             f"device recorded in the manifest); pass device= the device of the teacher's output")
+        generator = torch.Generator(device=logits.device).manual_seed(sequence_seed(self.m["sampling"]["seed"], index))
+        try:
+            return sample_teacher_targets(logits, self.m["k"], self.m["temperature"], generator=generator)
+        except ValueError as e:  # a row without a distribution: name the item and position like top-k does
+            row = re.search(r"row (\d+)", str(e))
+            if row is None:
+                raise
+            raise ValueError(f"teacher: non-finite log-probabilities for dataset[{index}] at position {row[1]} (NaN "
+                             f"or +inf in its logits / temperature, or all of them -inf); the cache refuses them") \
+                from None
 
     def write_shard(self, planned: dict, bar) -> dict:
         first, count = planned["first_sequence"], planned["num_sequences"]
@@ -173,19 +197,23 @@ class _Run:
                                         f"hashed: the dataset must return the same items on every pass")
         values, indices = [], []
         for lo in range(0, count, self.batch_size):
-            for v, ix in self._topk(seqs[lo:lo + self.batch_size], first + lo):
+            for v, ix in self._targets(seqs[lo:lo + self.batch_size], first + lo):
                 values.append(v)
                 indices.append(ix)
             bar.update(len(seqs[lo:lo + self.batch_size]))
         offsets = torch.zeros(count + 1, dtype=torch.int64)
         offsets[1:] = torch.tensor([s.numel() for s in seqs], dtype=torch.int64).cumsum(0)
+        values_name, indices_name = mf.tensor_names(self.m["targets"])
         tensors = {"input_ids": torch.cat(seqs).to(torch.int32), "offsets": offsets,
-                   "topk_logprobs": torch.cat(values).contiguous(), "topk_indices": torch.cat(indices).contiguous()}
+                   values_name: torch.cat(values).contiguous(), indices_name: torch.cat(indices).contiguous()}
         # One metadata key: safetensors writes a multi-key metadata map in random order, and the
         # same inputs must give the same shard bytes (resume checks, reproducible hashes).
-        meta = {"fastdistill": json.dumps({"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION,
-                                           "first_sequence": first, "num_sequences": count, "k": self.m["k"],
-                                           "temperature": self.m["temperature"]}, sort_keys=True)}
+        info = {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "first_sequence": first,
+                "num_sequences": count, "k": self.m["k"], "temperature": self.m["temperature"],
+                "targets": self.m["targets"]}
+        if self.m["sampling"] is not None:
+            info["sampling_seed"] = self.m["sampling"]["seed"]
+        meta = {"fastdistill": json.dumps(info, sort_keys=True)}
         file = os.path.join(self.path, planned["file"])
         mf.atomic_write(file, lambda tmp: mf.save_safetensors(tensors, tmp, metadata=meta))
         return {**planned, "sha256": mf.sha256_file(file)}
@@ -230,11 +258,12 @@ def _prepare_dir(path: str, overwrite: bool) -> Optional[dict]:
         raise TeacherCacheError(f"{e}; cannot resume this build: pass overwrite=True to start over") from None
 
 
-def write_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, *, k: int = 64,
-                temperature: float = 1.0, dtype=torch.float16, batch_size: int = 8, shard_size: int = 1024,
-                teacher_name: Optional[str] = None, teacher_hash: Optional[str] = None, device=None,
-                progress: bool = True, overwrite: bool = False) -> None:
-    """Runs `teacher` over every sequence of `dataset` and caches its top-k log-probabilities.
+def write_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, *, targets: str = "topk",
+                k: int = 64, temperature: float = 1.0, seed: int = 0, dtype=torch.float16, batch_size: int = 8,
+                shard_size: int = 1024, teacher_name: Optional[str] = None, teacher_hash: Optional[str] = None,
+                device=None, progress: bool = True, overwrite: bool = False) -> None:
+    """Runs `teacher` over every sequence of `dataset` and caches k targets per position: its top-k
+    log-probabilities (targets="topk") or k draws from its distribution (targets="sampled").
 
     teacher      callable mapping an int64 (B, L) token batch to logits (B, L, V) (a tensor, a
                  Hugging Face output with .logits, or a tuple starting with the logits). An nn.Module
@@ -244,8 +273,16 @@ def write_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, 
     dataset      item i is a 1-D integer tensor (or list) of token ids, any length (0 included);
                  anything with len() and indexing, or an iterable (materialized into a list).
                  It is read twice (once to hash the token stream) and must return the same items.
-    k, temperature, dtype   what is stored: log_softmax(logits.float() / temperature).topk(k),
-                 sorted descending, values cast to dtype (torch.float16 or torch.bfloat16), ids int32.
+    targets      "topk": log_softmax(logits.float() / temperature).topk(k), sorted descending.
+                 "sampled" (RS-KD, estimator "counts", see fastdistill.cache.sampling): k draws with
+                 replacement from softmax(logits.float() / temperature), ids ascending with duplicates,
+                 and the log-probability of each draw. Sequence i draws with its own generator,
+                 seeded by sequence_seed(seed, i) on the device of the teacher's logits, so its draws
+                 depend on neither batch_size nor the order shards are (re)built; the manifest records
+                 the seed, the estimator and that device type (other devices draw other ids).
+    k, temperature, dtype   k targets per position (k <= V), values cast to dtype (torch.float16 or
+                 torch.bfloat16), ids int32: k * (2 + 4) bytes per token for either target type.
+    seed         the sampling seed (targets="sampled" only; a top-k cache ignores it).
     batch_size   sequences per teacher call. Shorter sequences are padded on the right (with id 0)
                  and the padding is dropped: a causal teacher gives the same logits at the real
                  positions. A non-causal teacher (bidirectional attention) would see the padding: use
@@ -255,8 +292,8 @@ def write_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, 
                  defaults to the sha256 of its state_dict; other callables must pass teacher_hash.
     overwrite    delete an existing cache in `path` (manifest and shard files only) and start over.
 
-    If `path` holds a cache built with the same k, temperature, dtype, teacher hash, token stream
-    and shard size, the build resumes: shard files whose sha256 matches the manifest are kept
+    If `path` holds a cache built with the same targets, k, temperature, dtype, teacher hash, token
+    stream, shard size (and sampling seed and device type), the build resumes: shard files whose sha256 matches the manifest are kept
     untouched (each is re-hashed to check), missing or corrupt ones are (re)written. Different
     parameters raise a TeacherCacheError naming the field, unless no shard was finished yet.
     A teacher returning NaN or +inf logits is refused (ValueError naming the item and position); -inf
@@ -264,6 +301,10 @@ def write_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, 
     `TeacherCache.build` (= `build_cache`) calls this and returns the finished cache, opened for reading.
     """
     path = os.fspath(path)
+    if targets not in mf.TARGETS:
+        raise ValueError(f"targets: expected one of {mf.TARGETS}, got {targets!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
     k = _positive_int("k", k)
     batch_size = _positive_int("batch_size", batch_size)
     shard_size = _positive_int("shard_size", shard_size)
@@ -287,21 +328,27 @@ def write_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, 
 
     import fastdistill
 
-    wanted = {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "k": k, "temperature": float(temperature),
+    device = _default_device(teacher, device)
+    sampling = None
+    if targets == "sampled":
+        sampling = {"method": METHOD, "estimator": ESTIMATOR, "seed": int(seed), "device": device.type}
+    wanted = {"format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "targets": targets, "sampling": sampling,
+              "k": k, "temperature": float(temperature),
               "vocab_size": None, "teacher_name": teacher_name, "teacher_hash": teacher_hash,
               "value_dtype": value_dtype, "num_sequences": len(lengths), "num_tokens": sum(lengths),
               "shard_size": shard_size, "token_stream_hash": hasher.hexdigest(), "shards": [], "complete": False,
               "fastdistill_version": getattr(fastdistill, "__version__", None)}
     existing = _prepare_dir(path, overwrite)
     if existing is not None and existing["shards"]:  # saved work: resume it, or refuse to mix
+        have, want = mf.build_fields(existing), mf.build_fields(wanted)
         for key in mf.BUILD_KEYS:
-            if existing[key] != wanted[key]:
+            if have[key] != want[key]:
                 raise TeacherCacheError(f"teacher cache {path}: {key} mismatch: the cache was built with "
-                                        f"{existing[key]!r}, this build asks for {wanted[key]!r}; pass "
+                                        f"{have[key]!r}, this build asks for {want[key]!r}; pass "
                                         f"overwrite=True to start over (or use another directory)")
         wanted.update(vocab_size=existing["vocab_size"], shards=existing["shards"])
 
-    run = _Run(path, teacher, items, lengths, wanted, existing, batch_size, _default_device(teacher, device), progress)
+    run = _Run(path, teacher, items, lengths, wanted, existing, batch_size, device, progress)
     was_training = isinstance(teacher, torch.nn.Module) and teacher.training
     if isinstance(teacher, torch.nn.Module):
         teacher.eval()
