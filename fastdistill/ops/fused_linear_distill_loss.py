@@ -14,7 +14,6 @@ gradient mixes rows, so it cannot be scaled after the fact).
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,14 +21,14 @@ import torch
 
 from fastdistill import dispatch
 from fastdistill.distributed.vocab_parallel_route import any_dtensor
-from fastdistill.ops.common import check_labels, check_number, row_labels, row_view
+from fastdistill.ops.common import check_labels, row_labels, row_view
 from fastdistill.ops.distill_loss import loss_op
 from fastdistill.ops.loss_common import check_label_values, check_loss_options, resolve, row_scale
 from fastdistill.ops.fused_linear_chunks import auto_chunk_size, run_chunks
+from fastdistill.ops.fused_linear_common import check_fused_options  # noqa: F401 (imported from here too)
+from fastdistill.ops.fused_linear_common import FusedLossOps, autocast_dtype, cast_floats, check_head, no_autocast
 from fastdistill.reference.distill_loss import DIVERGENCES
 from fastdistill.reference.fused_linear_distill_loss import fused_linear_distill_loss_chunked_ref
-
-_TENSORS = 9  # leading tensor arguments of the ops: 6 of the heads, labels, scale, row_weights
 
 
 @dataclass(frozen=True)
@@ -56,155 +55,36 @@ class _Config:
                 self.ignore_index)
 
 
-def _kernel_loss_fn(backend: str, scale: torch.Tensor, cfg: _Config):
+def _forward_rows(backend: str, tensors: tuple, cfg: _Config):
+    sh, sw, sb, th, tw, tb, labels, scale, row_weights = tensors
     op = loss_op(backend)
 
     def loss_fn(student, teacher, labels, want_grad):
         rows, grad = op(student, teacher, labels, scale, *cfg.loss_args(), want_grad)
         return rows, (grad if want_grad else None)
-    return loss_fn
-
-
-def _forward(backend: str, tensors: tuple, cfg: _Config):
-    """(loss: scalar if cfg.reduce else [N] rows, grad_hidden, grad_weight, grad_bias); unrequested grads
-    (and all of them when not reducing) are empty tensors."""
-    sh, sw, sb, th, tw, tb, labels, scale, row_weights = tensors
-    loss_fn = _kernel_loss_fn(backend, scale, cfg)
-    rows, gh, gw, gb = run_chunks(
+    return run_chunks(
         sh, sw, sb, th, tw, tb, labels, row_weights, loss_fn, logit_scale=cfg.logit_scale, softcap=cfg.softcap,
         teacher_logit_scale=cfg.teacher_logit_scale, teacher_softcap=cfg.teacher_softcap, chunk_size=cfg.chunk_size,
         need_grad_hidden=cfg.reduce and cfg.need_grad_hidden,
         need_grad_weight=cfg.reduce and cfg.need_grad_weight, need_grad_bias=cfg.reduce and cfg.need_grad_bias,
         ignore_index=cfg.ignore_index)
-    grads = (g if g is not None else sh.new_empty(0) for g in (gh, gw, gb))  # distinct: outputs must not alias
-    return (rows.sum() if cfg.reduce else rows, *grads)
 
 
-def _save(ctx, tensors: tuple, cfg: _Config, output) -> None:
-    ctx.cfg = cfg
-    ctx.set_materialize_grads(False)
-    if cfg.reduce:
-        ctx.save_for_backward(*output[1:])
-    else:  # backward recomputes from the inputs (references, not copies)
-        ctx.save_for_backward(*tensors[:_TENSORS - 1])
-
-
-def _backward(ctx, grad_loss, backend: str):
-    """Gradients of (student_hidden, student_weight, student_bias); None for every other input."""
-    cfg: _Config = ctx.cfg
-    if grad_loss is None:
-        return None, None, None
-    if cfg.reduce:
-        grads = list(ctx.saved_tensors)
-        for i, g in enumerate(grads):
-            if g.numel() == 0:
-                continue
-            if type(g) is torch.Tensor and not torch.compiler.is_compiling():
-                g.mul_(grad_loss)  # private buffers of this call: scaled in place, no second copy
-            else:
-                grads[i] = (g * grad_loss).to(g.dtype)
-    else:
-        recompute = _Config(**{**cfg.__dict__, "reduce": True})
-        row_weights = grad_loss.to(torch.float32).contiguous()
-        grads = list(_call(backend, (*ctx.saved_tensors, row_weights), recompute)[1:])
-    flags = (cfg.need_grad_hidden, cfg.need_grad_weight, cfg.need_grad_bias)
-    return tuple(g if flag else None for g, flag in zip(grads, flags))
-
-
-def _define_op(backend: str):
-    """fastdistill::fused_linear_distill_loss_<backend> with its fake and autograd registrations."""
-    def impl(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: Optional[torch.Tensor],
-             teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
-             labels: Optional[torch.Tensor], scale: torch.Tensor, row_weights: Optional[torch.Tensor],
-             divergence: int, temperature: float, weight: float, soft_weight: float, hard_weight: float,
-             scale_t2: bool, ignore_index: int, logit_scale: float, softcap: float, teacher_logit_scale: float,
-             teacher_softcap: float, chunk_size: int, reduce: bool,
-             need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        tensors = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                   labels, scale, row_weights)
-        cfg = _Config(divergence, temperature, weight, soft_weight, hard_weight, scale_t2, ignore_index, logit_scale,
-                      softcap, teacher_logit_scale, teacher_softcap, chunk_size, reduce, need_grad_hidden,
-                      need_grad_weight, need_grad_bias)
-        return _forward(backend, tensors, cfg)
-
-    op = torch.library.custom_op(f"fastdistill::fused_linear_distill_loss_{backend}", impl, mutates_args=())
-
-    @op.register_fake
-    def _(student_hidden, student_weight, student_bias, *args):
-        cfg = _Config(*args[_TENSORS - 3:])
-        reduce, flags = cfg.reduce, (cfg.need_grad_hidden, cfg.need_grad_weight, cfg.need_grad_bias)
-        loss = student_hidden.new_empty(() if reduce else student_hidden.shape[:1], dtype=torch.float32)
-        shapes = (student_hidden.shape, student_weight.shape, student_weight.shape[:1])
-        like = (student_hidden, student_weight, student_bias if student_bias is not None else student_weight)
-        return (loss, *(t.new_empty(shape if (reduce and flag) else (0,)) for t, shape, flag in zip(like, shapes, flags)))
-
-    def setup_context(ctx, inputs, output):
-        cfg = _Config(*inputs[_TENSORS:])
-        if cfg.reduce:
-            ctx.mark_non_differentiable(*output[1:])
-        _save(ctx, inputs[:_TENSORS], cfg, output)
-
-    def backward(ctx, grad_loss, *_grads_of_grads):
-        return (*_backward(ctx, grad_loss, backend), *(None,) * (len(_Config.__dataclass_fields__) + _TENSORS - 3))
-
-    op.register_autograd(backward, setup_context=setup_context)
-    return op
-
-
-_OPS = {name: _define_op(name) for name in ("cpu", "cuda", "triton")}
+_FUSED = FusedLossOps(
+    "fused_linear_distill_loss", "Tensor student_hidden, Tensor student_weight, Tensor? student_bias, "
+    "Tensor teacher_hidden, Tensor teacher_weight, Tensor? teacher_bias, Tensor? labels, Tensor scale, "
+    "Tensor? row_weights", _Config, _forward_rows)
+_OPS = _FUSED.ops
 
 
 def _call(backend: str, tensors: tuple, cfg: _Config):
-    return _OPS[backend](*tensors, *cfg.__dict__.values())
-
-
-def _check_head(prefix: str, hidden, weight, bias):
-    """Shapes, dtypes and devices of one model's hidden states, output weight and bias."""
-    for name, t in ((f"{prefix}_hidden", hidden), (f"{prefix}_weight", weight)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
-    if hidden.dim() < 1 or hidden.shape[-1] < 1:
-        raise ValueError(f"{prefix}_hidden: expected shape (..., H) with H >= 1, got {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[0] < 1:
-        raise ValueError(f"{prefix}_weight: expected shape (V, H) with V >= 1, got {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"{prefix}_weight: shape {tuple(weight.shape)} does not match {prefix}_hidden's H = "
-                         f"{hidden.shape[-1]} (expected ({weight.shape[0]}, {hidden.shape[-1]}))")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"{prefix}_weight: dtype {weight.dtype} differs from {prefix}_hidden's {hidden.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"{prefix}_weight: on {weight.device}, {prefix}_hidden on {hidden.device}")
-    if bias is None:
-        return
-    if not isinstance(bias, torch.Tensor):
-        raise TypeError(f"{prefix}_bias: expected a torch.Tensor or None, got {type(bias).__name__}")
-    if bias.shape != weight.shape[:1]:
-        raise ValueError(f"{prefix}_bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if bias.dtype != weight.dtype or bias.device != weight.device:
-        raise TypeError(f"{prefix}_bias: expected {weight.dtype} on {weight.device} like {prefix}_weight, "
-                        f"got {bias.dtype} on {bias.device}")
-
-
-def check_fused_options(chunk_size, logit_scale, softcap, teacher_logit_scale=None, teacher_softcap=None):
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size: expected None or an integer >= 1, got {chunk_size!r}")
-    check_number("logit_scale", logit_scale, low=0.0, low_open=True)
-    if softcap is not None:
-        check_number("softcap", softcap, low=0.0, low_open=True)
-    if teacher_logit_scale is not None:
-        check_number("teacher_logit_scale", teacher_logit_scale, low=0.0, low_open=True)
-    if teacher_softcap is not None:
-        check_number("teacher_softcap", teacher_softcap, low=0.0)  # 0: no cap on the teacher
+    return _FUSED.call(backend, tensors, cfg)
 
 
 def _check_inputs(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                   labels):
-    _check_head("student", student_hidden, student_weight, student_bias)
-    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    check_head("student", student_hidden, student_weight, student_bias)
+    check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
         raise ValueError(f"teacher_hidden: leading shape {tuple(teacher_hidden.shape[:-1])} does not match "
                          f"student_hidden's {tuple(student_hidden.shape[:-1])} (one row per token in both)")
@@ -241,15 +121,11 @@ def fused_linear_distill_loss(student_hidden: torch.Tensor, student_weight: torc
     ProcessGroup): see fastdistill.distributed.vocab_parallel_fused (docs/sharded.md).
     Under torch.autocast, floating inputs are cast to the autocast dtype first, as F.linear would be.
     """
-    device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type):
-        # As the models' own lm_head (F.linear) under autocast: both heads' GEMMs in the autocast dtype. The op
-        # then runs with autocast off: its GEMMs choose float32 outputs themselves.
-        dtype = torch.get_autocast_dtype(device_type)
-        sh, sw, sb, th, tw, tb = (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in
-                                  (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                   teacher_bias))
-        with torch.autocast(device_type, enabled=False):
+    dtype = autocast_dtype(student_hidden)
+    if dtype is not None:  # as the models' own lm_head (F.linear) under autocast
+        sh, sw, sb, th, tw, tb = cast_floats(dtype, student_hidden, student_weight, student_bias, teacher_hidden,
+                                             teacher_weight, teacher_bias)
+        with no_autocast(student_hidden):
             return fused_linear_distill_loss(
                 sh, sw, th, tw, student_bias=sb, teacher_bias=tb, labels=labels, chunk_size=chunk_size,
                 logit_scale=logit_scale, softcap=softcap, teacher_logit_scale=teacher_logit_scale,
