@@ -100,8 +100,8 @@ def _validate_indices(indices, V, labels, ignore_index):
         raise ValueError(f"teacher_topk_indices: id {int(ordered[row, col])} appears twice in row {row}")
 
 
-def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
-                      teacher_topk_indices: torch.Tensor, *, tail: str = "renormalize", labels=None,
+def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs,
+                      teacher_topk_indices: Optional[torch.Tensor] = None, *, tail: str = "renormalize", labels=None,
                       divergence: str = "kl", temperature: float = 1.0, beta: float = 0.5, skew: float = 0.1,
                       soft_weight: float = 1.0, hard_weight: float = 0.0, scale_t2: bool = True,
                       ignore_index: int = -100, reduction: str = "batchmean", num_items=None,
@@ -123,7 +123,24 @@ def topk_distill_loss(student_logits: torch.Tensor, teacher_topk_logprobs: torch
     backend first (a host sync, and not for torch.compile(fullgraph=True)).
     Vocabulary-sharded student logits (a DTensor placed Shard(-1), or local slices with group=, a
     ProcessGroup; ids are global): see fastdistill.distributed.vocab_parallel_topk (docs/sharded.md).
+    teacher_topk_logprobs may be a fastdistill.cache.TeacherTargets (batch["teacher"] of
+    TeacherCache.collate) with teacher_topk_indices None: its kind must be "topk", its temperature
+    this call's and its vocabulary the student's whole V, else a ValueError naming teacher_topk_logprobs.
     """
+    from fastdistill.cache.targets import TeacherTargets, unpack_targets
+
+    vocab = None
+    if isinstance(teacher_topk_logprobs, TeacherTargets):
+        if not isinstance(student_logits, torch.Tensor) or student_logits.dim() == 0:
+            raise TypeError(f"student_logits: expected a (..., V) torch.Tensor, got {type(student_logits).__name__}")
+        vocab = student_logits.shape[-1]  # a DTensor's shape is the global one
+        if group is not None and not any_dtensor(student_logits):  # local slices: V is the sum of their widths
+            width = torch.tensor([vocab], dtype=torch.int64, device=student_logits.device)
+            torch.distributed.all_reduce(width, group=group)
+            vocab = int(width)
+    teacher_topk_logprobs, teacher_topk_indices = unpack_targets(
+        "topk", teacher_topk_logprobs, teacher_topk_indices, temperature=temperature, vocab=vocab,
+        names=("teacher_topk_logprobs", "teacher_topk_indices"))
     if group is not None or any_dtensor(student_logits, teacher_topk_logprobs, teacher_topk_indices, labels):
         from fastdistill.distributed.vocab_parallel_topk import vocab_parallel_topk_distill_loss
         return vocab_parallel_topk_distill_loss(
