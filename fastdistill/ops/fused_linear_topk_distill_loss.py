@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 
 from fastdistill.cache.targets import unpack_targets
-from fastdistill.ops.common import as_int64
 from fastdistill.ops.fused_linear_common import autocast_dtype, cast_floats, no_autocast
 from fastdistill.ops.fused_linear_targets import check_student, run_targets_loss
 from fastdistill.ops.loss_common import check_loss_options, resolve
