@@ -55,12 +55,15 @@ class _Head:
         self.w = weight if self.mixed else weight.to(self.dtype)
         self.b = None if bias is None else bias.to(self.dtype)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[rows, V] logits; into `out` (a contiguous float32/float64 [rows, V] workspace) when given."""
         if self.mixed:
-            out = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
-            return out if self.b is None else out.add_(self.b)
+            logits = torch.mm(hidden, self.weight.t(), out_dtype=torch.float32)
+            return logits if self.b is None else logits.add_(self.b)
         h = hidden.to(self.dtype)
-        return h @ self.w.t() if self.b is None else torch.addmm(self.b, h, self.w.t())
+        if out is None:
+            return h @ self.w.t() if self.b is None else torch.addmm(self.b, h, self.w.t())
+        return torch.mm(h, self.w.t(), out=out) if self.b is None else torch.addmm(self.b, h, self.w.t(), out=out)
 
     def grad_hidden(self, grad_logits: torch.Tensor, out: torch.Tensor) -> None:
         """out (rows of d(hidden), hidden's dtype) = grad_logits · weight."""
@@ -71,12 +74,25 @@ class _Head:
         else:
             out.copy_(grad_logits @ self.w)
 
-    def accumulate_grad_weight(self, acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
-        """acc (float32, float64 for float64 weights) += grad_logitsᵀ · hidden."""
-        if self.mixed:
+    def accumulate_grad_weight(self, acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor, *,
+                               first: bool = False) -> None:
+        """acc (float32, float64 for float64 weights) += grad_logitsᵀ · hidden; first: acc = ... (acc's
+        contents are ignored, NaN included: beta = 0 never reads them, so acc may come from torch.empty)."""
+        if self.mixed:  # (the out_dtype GEMM's beta = 0 is not relied on: untested off CUDA)
+            if first:
+                acc.zero_()
             torch.addmm(acc, grad_logits.to(hidden.dtype).t(), hidden, out_dtype=torch.float32, out=acc)
         else:
-            acc.addmm_(grad_logits.t(), hidden.to(self.dtype))
+            acc.addmm_(grad_logits.t(), hidden.to(self.dtype), beta=0 if first else 1)
+
+
+def new_workspace(head: _Head, n_rows: int, chunk_size: int, vocab: int, device) -> Optional[torch.Tensor]:
+    """One [chunk, V] logits buffer that every chunk of a call reuses (None: the head allocates per chunk).
+    A fresh buffer per chunk costs the kernel's page faults on every chunk on CPU, whose allocator
+    returns these large blocks to the OS when freed (~20% of the GEMM time at 256 x 32000 on 2 cores)."""
+    if head.mixed or n_rows == 0:
+        return None
+    return torch.empty((min(chunk_size, n_rows), vocab), dtype=head.dtype, device=device)
 
 
 def _transform_(logits: torch.Tensor, logit_scale: float, softcap: float) -> torch.Tensor:
@@ -101,7 +117,7 @@ def _chain_(grad: torch.Tensor, capped: torch.Tensor, logit_scale: float, softca
 # chunk_loss(start, end, student_logits, labels, want_grad) -> (row losses of rows [start, end), float32
 # already times the scale; d(sum of those rows)/d(student_logits) float32 with >= V_s columns, or None).
 # student_logits are the chunk's transformed float32 logits [end - start, V_s]; the loss must not modify them
-# (softcap's chain rule reads them afterwards).
+# (softcap's chain rule reads them afterwards) nor keep them: they live in a workspace the next chunk overwrites.
 ChunkLossFn = Callable[[int, int, torch.Tensor, Optional[torch.Tensor], bool],
                        tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -126,15 +142,20 @@ def run_student_chunks(student_hidden: torch.Tensor, student_weight: torch.Tenso
     rows = new_output((n_rows,), like=student_hidden, dtype=student.dtype)
     grad_hidden = new_output(student_hidden.shape, like=student_hidden) if need_grad_hidden else None
     acc = dict(dtype=student.dtype, device=student_weight.device)  # float32 (float64) accumulators
-    grad_weight = torch.zeros(student_weight.shape, **acc) if need_grad_weight else None
+    # The first chunk writes the weight gradient (beta = 0), later ones add to it: no zero-fill pass over [V, H].
+    grad_weight = None
+    if need_grad_weight:
+        grad_weight = (torch.zeros if n_rows == 0 else torch.empty)(student_weight.shape, **acc)
     grad_bias = torch.zeros(v_s, **acc) if need_grad_bias else None
+    workspace = new_workspace(student, n_rows, chunk_size, v_s, student_weight.device)
     for start in range(0, n_rows, chunk_size):
         end = min(start + chunk_size, n_rows)
         h_s = student_hidden[start:end]
         chunk_labels = None if labels is None else labels[start:end]
         if chunk_labels is not None:  # ignored rows may hold anything (NaN padding): 0 · NaN would leak into
             h_s = h_s.masked_fill((chunk_labels == ignore_index).unsqueeze(-1), 0)  # dW and softcap's chain rule
-        s = _transform_(student.logits(h_s), logit_scale, softcap)
+        out = None if workspace is None else workspace[:end - start]
+        s = _transform_(student.logits(h_s, out), logit_scale, softcap)
         loss_rows, grad = chunk_loss(start, end, s, chunk_labels, want_grad)
         rows[start:end] = loss_rows
         if not want_grad:
@@ -146,7 +167,7 @@ def run_student_chunks(student_hidden: torch.Tensor, student_weight: torch.Tenso
         if grad_hidden is not None:
             student.grad_hidden(grad, grad_hidden[start:end])
         if grad_weight is not None:
-            student.accumulate_grad_weight(grad_weight, grad, h_s)
+            student.accumulate_grad_weight(grad_weight, grad, h_s, first=start == 0)
         if grad_bias is not None:
             grad_bias.add_(grad.sum(0))
     if grad_weight is not None:
@@ -166,10 +187,13 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
     teacher_softcap; softcap 0: none), the smaller vocabulary padded with -inf, then `loss_fn`."""
     vocab = max(student_weight.shape[0], teacher_weight.shape[0])
     teacher = _Head(teacher_weight, teacher_bias)
+    workspace = new_workspace(teacher, teacher_hidden.shape[0], chunk_size, teacher_weight.shape[0],
+                              teacher_weight.device)
 
     def chunk_loss(start, end, s, chunk_labels, want_grad):
+        out = None if workspace is None else workspace[:end - start]
         with torch.no_grad():
-            t = _transform_(teacher.logits(teacher_hidden[start:end]), teacher_logit_scale, teacher_softcap)
+            t = _transform_(teacher.logits(teacher_hidden[start:end], out), teacher_logit_scale, teacher_softcap)
         return loss_fn(pad_vocab(s, vocab), pad_vocab(t, vocab), chunk_labels, want_grad)
 
     return run_student_chunks(student_hidden, student_weight, student_bias, labels, row_weights, chunk_loss,
