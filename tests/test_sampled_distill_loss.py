@@ -132,7 +132,8 @@ def test_extreme_and_masked_logits(backend, kind, seed):
 HAND_Z = [0.0, math.log(2.0), 0.0]
 HAND_IDS = [1, 2, 1]
 HAND_LP = [math.log(0.5), math.log(0.3), math.log(0.5)]
-# loss = mean_j (log p(x_j) - log q(x_j)) = (2 ln(0.5 / 0.5) + ln(0.3 / 0.25)) / 3; grad = q - p_hat, p_hat = (0, 2/3, 1/3)
+# loss = mean_j (log p(x_j) - log q(x_j)) = (2 ln(0.5 / 0.5) + ln(0.3 / 0.25)) / 3;
+# grad = q - p_hat with p_hat = (0, 2/3, 1/3)
 HAND_LOSS = math.log(0.3 / 0.25) / 3
 HAND_GRAD = [0.25, 0.5 - 2 / 3, 0.25 - 1 / 3]
 

@@ -81,10 +81,11 @@ def test_deterministic_with_many_duplicates(backend, seed):
     """A peaked teacher and k = 4V: most draws repeat an id. Two runs are bitwise equal."""
     device = backend_device(backend)
     V = 61
-    s = make_logits((9, V), dtype=torch.bfloat16, device=device, seed=seed)
-    lp, ids = cases.make_sampled((9, V), 4 * V, seed=seed + 1, device=device, dtype=torch.float16, scale=6.0)
+    rows = 4 if backend == "triton" and device == "cpu" else 9  # the interpreter is slow
+    s = make_logits((rows, V), dtype=torch.bfloat16, device=device, seed=seed)
+    lp, ids = cases.make_sampled((rows, V), 4 * V, seed=seed + 1, device=device, dtype=torch.float16, scale=6.0)
     assert (ids.sort(-1).values[:, 1:] == ids.sort(-1).values[:, :-1]).float().mean() > 0.5
-    labels = make_labels((9,), V, seed=seed, device=device)
+    labels = make_labels((rows,), V, seed=seed, device=device)
     runs = []
     for _ in range(2):
         x = s.clone().requires_grad_(True)
