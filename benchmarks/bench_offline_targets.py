@@ -132,33 +132,61 @@ def evaluate(teacher_logits, student, heldout):
     return kl, top1
 
 
-def train(TinyLM, args, target, k, seed, cache, data, heldout, teacher_logits):
+def new_student(TinyLM, args, seed):
     torch.manual_seed(1 + seed)  # the student initialisation of this seed, the same for every target
     student = TinyLM(args.vocab, dim=48, layers=2, heads=4)
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    return student, torch.optim.AdamW(student.parameters(), lr=args.lr)
+
+
+def one_step(student, opt, loss_fn, data, step, batch):
+    """One training step on the step-th batch: (loss, step ms, ms of the loss call alone)."""
+    start = (step * batch) % len(data)
+    sl = slice(start, start + batch)
+    ids = data[sl]
+    t0 = time.perf_counter()
+    z = student(ids)
+    t1 = time.perf_counter()
+    loss = loss_fn(z, sl, ids)
+    t2 = time.perf_counter()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    t3 = time.perf_counter()
+    return loss, (t3 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def train(TinyLM, args, target, k, seed, cache, data, heldout, teacher_logits):
+    student, opt = new_student(TinyLM, args, seed)
     loss_fn = make_loss(target, k, seed, cache)
-    step_ms, loss_ms = [], []
+    step_ms = []
     for step in range(args.steps):
-        start = (step * args.batch) % len(data)
-        sl = slice(start, start + args.batch)
-        ids = data[sl]
-        t0 = time.perf_counter()
-        z = student(ids)
-        t1 = time.perf_counter()
-        loss = loss_fn(z, sl, ids)
-        t2 = time.perf_counter()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        t3 = time.perf_counter()
+        loss, ms, _ = one_step(student, opt, loss_fn, data, step, args.batch)
         if not math.isfinite(loss.item()):
             raise RuntimeError(f"{target} k={k} seed={seed}: non-finite loss at step {step}")
-        step_ms.append((t3 - t0) * 1e3)
-        loss_ms.append((t2 - t1) * 1e3)
+        step_ms.append(ms)
     kl, top1 = evaluate(teacher_logits, student, heldout)
-    warm = min(3, max(0, args.steps - 1))  # the first steps allocate and warm caches
+    warm = min(3, args.steps - 1)  # the first steps allocate and warm caches
     return {"heldout_kl": kl, "top1_agreement": top1, "final_train_loss": loss.item(),
-            "step_ms": statistics.median(step_ms[warm:]), "loss_ms": statistics.median(loss_ms[warm:])}
+            "train_step_ms": statistics.median(step_ms[warm:])}
+
+
+def time_steps(TinyLM, args, cache, data) -> dict:
+    """Median step and loss-call ms of every (target, k), measured round-robin: each round runs one step of
+    every target, in an order rotated per round, so load from other processes falls on all of them alike."""
+    setups = []
+    for target, k in runs(args):
+        student, opt = new_student(TinyLM, args, args.seeds[0])
+        setups.append(((target, k), student, opt, make_loss(target, k, args.seeds[0], cache)))
+    times = {key: ([], []) for key, *_ in setups}
+    warm = 2
+    for r in range(args.timing_rounds + warm):
+        shift = r % len(setups)
+        for key, student, opt, loss_fn in setups[shift:] + setups[:shift]:
+            _, step_ms, loss_ms = one_step(student, opt, loss_fn, data, r, args.batch)
+            if r >= warm:
+                times[key][0].append(step_ms)
+                times[key][1].append(loss_ms)
+    return {key: {"step_ms": statistics.median(a), "loss_ms": statistics.median(b)} for key, (a, b) in times.items()}
 
 
 def runs(args):
@@ -172,17 +200,18 @@ def runs(args):
     return out
 
 
-def mean_rows(rows, env):
+def mean_rows(rows, env, timing):
     means = []
     for target, k in dict.fromkeys((r["target"], r["k"]) for r in rows):
         group = [r for r in rows if r["target"] == target and r["k"] == k]
         keys = ("target", "k", "bytes_per_token", "backend", "threads", "vocab", "steps", "batch", "seq", "lr")
         m = {key: group[0][key] for key in keys}
         m.update(env, seed="mean", n_seeds=len(group))
-        for key in ("heldout_kl", "top1_agreement", "step_ms", "loss_ms"):
+        for key in ("heldout_kl", "top1_agreement", "train_step_ms"):
             vals = [r[key] for r in group]
             m[key] = statistics.fmean(vals)
             m[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        m.update(timing[(target, k)])
         means.append(m)
     ce = next((m for m in means if m["target"] == "ce"), None)
     for m in means:
@@ -256,14 +285,15 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: a step is small, and on a shared CPU 2 threads time erratically)")
+    p.add_argument("--timing-rounds", type=int, default=40, help="round-robin steps per target for the timings")
     p.add_argument("--quick", action="store_true", help="smoke test: V 512, 6 steps, 1 seed, k 4 8")
     p.add_argument("--csv-dir", default=harness.RESULTS)
     p.add_argument("--plot", default=os.path.join(ROOT, "docs", "offline_targets.png"))
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.seeds, args.k, args.vocab = 6, [0], [4, 8], 512
-        args.train_seqs, args.heldout_seqs, args.batch = 32, 8, 8
-    for name in ("steps", "batch", "train_seqs", "heldout_seqs", "vocab", "threads"):
+        args.train_seqs, args.heldout_seqs, args.batch, args.timing_rounds = 32, 8, 8, 3
+    for name in ("steps", "batch", "train_seqs", "heldout_seqs", "vocab", "threads", "timing_rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: expected >= 1")
     if any(not 1 <= k <= args.vocab for k in args.k):
@@ -301,9 +331,10 @@ def main(argv=None) -> dict:
                        loadavg_1m=os.getloadavg()[0])
             rows.append(row)
             print(f"seed {seed} {target:>16} k={k if k else '-':>3}: KL {result['heldout_kl']:.4f}  "
-                  f"top-1 {result['top1_agreement']:.3f}  step {result['step_ms']:.1f} ms  "
+                  f"top-1 {result['top1_agreement']:.3f}  step {result['train_step_ms']:.1f} ms  "
                   f"({row['train_s']:.1f} s, load {row['loadavg_1m']:.2f})", flush=True)
-    means = mean_rows(rows, env)
+    timing = time_steps(TinyLM, args, cache, data)
+    means = mean_rows(rows, env, timing)
     init_kl = statistics.fmean(init)
     path = harness.write_csv(CSV_NAME, rows + means, args.csv_dir)
     plot(means, init_kl, args.plot, args)
