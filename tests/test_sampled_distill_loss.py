@@ -160,3 +160,79 @@ def test_dtypes_of_logprobs_and_ids(backend, seed):
         lp, ids = make_sampled((5, 299), 9, temperature=2.0, seed=seed + 1, device=device, dtype=lpdt,
                                index_dtype=idt)
         check_against_oracle(backend, student, lp, ids, seed=seed, temperature=2.0, reduction="sum")
+
+
+@pytest.mark.parametrize("V,dtype,k", [(1271, torch.bfloat16, 24), (8200, torch.float32, 100)])
+def test_triton_kernel_gpu_config(V, dtype, k, seed):
+    """The launcher with interpret=False: the BLOCK_V a GPU runs (2048 / 8192, a masked tail), as
+    tests/test_triton_gpu_config.py does for the other loss kernels."""
+    from fastdistill.kernels.distill_loss import pick_block_v
+    from fastdistill.kernels.sampled_distill_loss import sampled_distill_loss_triton_launch
+
+    device = backend_device("triton")
+    assert pick_block_v(V, interpret=False) > 1024
+    T, hard = 2.0, 0.3
+    student = make_logits((3, V), dtype=dtype, seed=seed, device=device)
+    lp, ids = make_sampled((3, V), k, temperature=T, seed=seed + 1, dtype=torch.float16, device=device)
+    labels = make_labels((3,), V, seed=seed, device=device)
+    labels[0] = -100
+    loss = torch.full((3,), math.nan, device=device)
+    grad = torch.full_like(student, math.nan)
+    sampled_distill_loss_triton_launch(student, lp, ids, labels, torch.ones(1, device=device), loss, grad,
+                                       inv_t=1 / T, soft_coef=T * T, grad_coef=T, hard_weight=hard, ignore_index=-100,
+                                       interpret=False)
+    s64 = student.detach().double().requires_grad_(True)
+    oracle = sampled_distill_loss_ref(s64, lp.double(), ids, labels, temperature=T, hard_weight=hard, reduction="none")
+    (grad64,) = torch.autograd.grad(oracle.sum(), s64)
+    s_low = student.detach().requires_grad_(True)
+    ref = sampled_distill_loss_ref(s_low, lp, ids, labels, temperature=T, hard_weight=hard, reduction="none")
+    (ref_grad,) = torch.autograd.grad(ref.sum(), s_low)
+    assert_close_to_oracle(loss, oracle, ref.float(), msg="loss")
+    roundings = 2 if dtype == torch.bfloat16 and device == "cpu" else 1  # the interpreter truncates to bf16
+    assert_close_to_oracle(grad, grad64, ref_grad, roundings=roundings, msg="grad")
+    assert torch.all(grad[0] == 0) and loss[0] == 0
+
+
+# Compiled Triton rejects code the interpreter accepts: compile the kernel for sm_90 (everything on, and loss
+# only) and sm_80 (the default training call: no labels, gradient written) without a GPU, in a subprocess (this session imported triton in interpreter mode).
+COMPILE_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastdistill.kernels import sampled_distill_loss as kernels
+
+types = dict(S="*bf16", s_stride="i64", LP="*fp16", lp_stride="i64", IDX="*i32", idx_stride="i64", L="*i64",
+             SCALE="*fp32", LOSS="*fp32", G="*bf16", V="i32", K="i32", inv_t="fp32", soft_coef="fp32",
+             grad_coef="fp32", hard_weight="fp32", ignore_index="i64")
+fn = kernels._sampled_distill_loss_kernel
+results = []
+for cc, labels, ce_own, write in ((90, True, True, True), (90, True, True, False), (80, False, False, True)):
+    const = dict(HAS_LABELS=labels, CE=labels, CE_OWN=ce_own, WRITE=write, BLOCK_V=8192, BLOCK_K=64)
+    sig = {p.name: "constexpr" if p.is_constexpr else types[p.name] for p in fn.params}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", cc, 32), options=dict(num_warps=16)).asm["ptx"]
+    results.append({"cc": cc, "write": write, "target": f".target sm_{cc}" in ptx, "stores": ptx.count("st.global"),
+                    "atomics": "atom." in ptx, "barrier": "bar.sync" in ptx or "barrier.sync" in ptx})
+print(json.dumps(results))
+"""
+
+
+def test_triton_kernel_compiles_for_sm80_and_sm90():
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
+        pytest.skip("triton's bundled ptxas is unavailable here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 3 and all(r["target"] and not r["atomics"] for r in results), results
+    assert all(r["barrier"] for r in results if r["write"]), results  # the sweep's stores land before the draws'
+    assert all(r["stores"] > results[1]["stores"] for r in results if r["write"]), results
