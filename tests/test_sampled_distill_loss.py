@@ -194,7 +194,8 @@ def test_triton_kernel_gpu_config(V, dtype, k, seed):
 
 
 # Compiled Triton rejects code the interpreter accepts: compile the kernel for sm_90 (everything on, and loss
-# only) and sm_80 (the default training call: no labels, gradient written) without a GPU, in a subprocess (this session imported triton in interpreter mode).
+# only) and sm_80 (the default training call: no labels, gradient written) without a GPU, in a subprocess
+# (this session imported triton in interpreter mode).
 COMPILE_SCRIPT = r"""
 import json
 import triton
@@ -207,7 +208,8 @@ types = dict(S="*bf16", s_stride="i64", LP="*fp16", lp_stride="i64", IDX="*i32",
              grad_coef="fp32", hard_weight="fp32", ignore_index="i64")
 fn = kernels._sampled_distill_loss_kernel
 results = []
-for cc, labels, ce_own, write in ((90, True, True, True), (90, True, True, False), (80, False, False, True)):
+variants = ((90, True, True, True), (90, True, True, False), (80, False, False, True))
+for cc, labels, ce_own, write in variants:
     const = dict(HAS_LABELS=labels, CE=labels, CE_OWN=ce_own, WRITE=write, BLOCK_V=8192, BLOCK_K=64)
     sig = {p.name: "constexpr" if p.is_constexpr else types[p.name] for p in fn.params}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()})
