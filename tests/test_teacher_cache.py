@@ -64,6 +64,7 @@ def test_manifest_fields(built):
     cache, teacher, seqs = built
     m = cache.manifest
     assert m["format_version"] == mf.FORMAT_VERSION and m["complete"] is True
+    assert (m["targets"], m["sampling"], cache.targets, cache.sampling) == ("topk", None, "topk", None)
     assert (m["k"], m["temperature"], m["vocab_size"], m["value_dtype"]) == (K, 1.0, VOCAB, "float16")
     assert m["teacher_name"] == "TinyCausalTeacher" and m["teacher_hash"] == mf.module_hash(teacher)
     assert (m["num_sequences"], m["num_tokens"]) == (len(seqs), sum(s.numel() for s in seqs))
