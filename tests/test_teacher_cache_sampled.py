@@ -273,6 +273,22 @@ def test_topk_loss_refuses_sampled_targets(built):
         topk_distill_loss(student, batch["teacher"], labels=batch["labels"], temperature=T)
 
 
+def test_sampled_loss_takes_the_collated_targets_and_the_pad_is_harmless(built):
+    from fastdistill.ops.sampled_distill_loss import sampled_distill_loss
+
+    cache, _ = built
+    batch = cache.collate([cache[i] for i in range(4)])  # item 3 is empty: a row of padding only
+    student = torch.randn(*batch["input_ids"].shape, VOCAB, generator=torch.Generator().manual_seed(2))
+    got = sampled_distill_loss(student, batch["teacher"], labels=batch["labels"], temperature=T, backend="reference")
+    want = sampled_distill_loss(student, batch["sampled_logprobs"], batch["sampled_indices"], labels=batch["labels"],
+                                temperature=T, backend="reference")
+    assert torch.equal(got, want) and torch.isfinite(got)
+    unmasked = sampled_distill_loss(student, batch["teacher"], temperature=T, backend="reference", reduction="none")
+    assert torch.isfinite(unmasked).all()  # padded rows counted by mistake give numbers, not NaN
+    with pytest.raises(ValueError, match="temperature"):
+        sampled_distill_loss(student, batch["teacher"], labels=batch["labels"], temperature=1.0, backend="reference")
+
+
 def test_topk_loss_with_group_checks_the_summed_vocabulary(built_topk, tmp_path):
     """Local slices with group=: the targets' vocabulary is compared with the sum of the slices' widths
     (one process, world size 1)."""
