@@ -10,7 +10,7 @@ from conftest import KERNEL_BACKENDS, backend_device
 from fastdistill import dispatch
 from fastdistill.cache.targets import TeacherTargets
 from fastdistill.nn.sampled_distill_loss import SampledDistillLoss
-from fastdistill.ops import topk_distill_loss as topk_module
+from fastdistill.ops.topk_distill_loss import topk_distill_loss
 from fastdistill.ops.common import native
 from fastdistill.ops.sampled_distill_loss import sampled_distill_loss, sampled_distill_loss_triton
 from fastdistill.testing import make_labels, make_logits
@@ -232,11 +232,9 @@ def test_teacher_targets_batch(backend, seed):
 
 
 def test_sampled_targets_refused_by_topk_loss(seed):
-    if not hasattr(topk_module, "unpack_targets"):
-        pytest.skip("topk_distill_loss does not read TeacherTargets yet (another helper wires unpack_targets)")
     s, lp, ids = _inputs((4, 50), 8, "cpu", seed, temperature=2.0)
     with pytest.raises(ValueError, match="got sampled teacher targets .*sampled_distill_loss"):
-        topk_module.topk_distill_loss(s, _targets("sampled", lp, ids), None, temperature=2.0)
+        topk_distill_loss(s, _targets("sampled", lp, ids), None, temperature=2.0)
 
 
 def test_dtensor_is_refused(tmp_path):
