@@ -44,7 +44,8 @@ def test_cli_build_and_info(tmp_path):
 
     r = run_cli("info", out)
     assert r.returncode == 0, r.stderr
-    for text in ("complete", "23 in 4 shards", "targets       topk: k=8", f"tokens        {cache.num_tokens}", f"k={K}", "temperature 1.5",
+    for text in ("complete", "23 in 4 shards", "targets       topk: k=8",
+                 f"tokens        {cache.num_tokens}", f"k={K}", "temperature 1.5",
                  f"{K * 6} B (top-k) vs {VOCAB * 2} B (full vocab, bfloat16)"):
         assert text in r.stdout, (text, r.stdout)
 

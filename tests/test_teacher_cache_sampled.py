@@ -261,7 +261,8 @@ def test_topk_loss_takes_teacher_targets_of_a_topk_cache(built_topk):
     with pytest.raises(ValueError, match="teacher_topk_logprobs: the targets were built at temperature 1.0"):
         topk_distill_loss(student, t, labels=batch["labels"], temperature=2.0)
     wide = torch.randn(B, L, VOCAB + 3)
-    with pytest.raises(ValueError, match=f"teacher_topk_logprobs: .*vocab_size {VOCAB}, the student has V = {VOCAB + 3}"):
+    message = f"teacher_topk_logprobs: .*vocab_size {VOCAB}, the student has V = {VOCAB + 3}"
+    with pytest.raises(ValueError, match=message):
         topk_distill_loss(wide, t, labels=batch["labels"])
 
 

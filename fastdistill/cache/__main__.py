@@ -1,7 +1,8 @@
 """Command line for the teacher cache:
 
     python -m fastdistill.cache build --teacher MODULE:ATTR --data MODULE:ATTR --out DIR
-        [--targets topk|sampled] [--k 64] [--temperature 1.0] [--seed 0] [--dtype float16|bfloat16] [--batch-size 8] [--shard-size N]
+        [--targets topk|sampled] [--k 64] [--temperature 1.0] [--seed 0] [--dtype float16|bfloat16]
+        [--batch-size 8] [--shard-size N]
         [--device cpu] [--teacher-name NAME] [--teacher-hash HASH] [--overwrite] [--no-progress]
     python -m fastdistill.cache info DIR [--json] [--verify]
 

@@ -37,7 +37,8 @@ class TeacherCache(Dataset):
         sampled_logprobs  (L, k)  float16 | bfloat16   log_softmax(teacher_logits / T) at each draw
         sampled_indices   (L, k)  int32     k draws with replacement, ascending, duplicates kept
     `cache.collate` pads a list of items and adds a TeacherTargets (batch["teacher"]) that the losses
-    check against their call (kind, temperature, vocabulary). Position t holds the teacher's distribution at position t (for a causal LM: over token t + 1),
+    check against their call (kind, temperature, vocabulary).
+    Position t holds the teacher's distribution at position t (for a causal LM: over token t + 1),
     aligned with the student's logits at position t. Build one with `TeacherCache.build`.
 
     Opening checks the manifest, that every shard file exists and that its tensor shapes and dtypes

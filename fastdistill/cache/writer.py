@@ -293,9 +293,10 @@ def write_cache(path, teacher: Callable[[torch.Tensor], torch.Tensor], dataset, 
     overwrite    delete an existing cache in `path` (manifest and shard files only) and start over.
 
     If `path` holds a cache built with the same targets, k, temperature, dtype, teacher hash, token
-    stream, shard size (and sampling seed and device type), the build resumes: shard files whose sha256 matches the manifest are kept
-    untouched (each is re-hashed to check), missing or corrupt ones are (re)written. Different
-    parameters raise a TeacherCacheError naming the field, unless no shard was finished yet.
+    stream, shard size (and sampling seed and device type), the build resumes: shard files whose
+    sha256 matches the manifest are kept untouched (each is re-hashed to check), missing or corrupt
+    ones are (re)written, with the same bytes (sampled draws included). Different parameters raise a
+    TeacherCacheError naming the field (e.g. "sampling.seed mismatch"), unless no shard was finished yet.
     A teacher returning NaN or +inf logits is refused (ValueError naming the item and position); -inf
     logits (masked vocabulary entries) are allowed and may appear as -inf top-k values.
     `TeacherCache.build` (= `build_cache`) calls this and returns the finished cache, opened for reading.
