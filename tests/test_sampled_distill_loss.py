@@ -220,6 +220,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow  # ~15 s of Triton compiles
 def test_triton_kernel_compiles_for_sm80_and_sm90():
     import json
     import subprocess
