@@ -225,7 +225,8 @@ int launch_typed(const void* student, int64_t ss, const SparseTeacher& t, const 
                  int64_t ignore_index, bool ce, cudaStream_t stream) {
   const size_t smem = bucket ? mask_bytes(V) : 0;
   auto kernel = topk_distill_loss_kernel<S>;
-  if (smem > 48 * 1024) {  // above the default dynamic limit: opt in (a host-side attribute, no sync)
+  // Near or above the default 48 KiB (static + dynamic; V > 327680): opt in (a host-side attribute, no sync).
+  if (smem > 40 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return (int)err;
   }
