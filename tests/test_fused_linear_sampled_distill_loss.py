@@ -67,7 +67,7 @@ def test_matches_sampled_distill_loss_on_materialized_logits(backend, seed):
     torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", slow_triton(KERNEL_BACKENDS) + ["reference"])
 def test_deterministic(backend, seed):
     device = backend_device(backend)
     p, lp, ids = problem(seed, device=device)
@@ -83,7 +83,7 @@ def test_deterministic(backend, seed):
 
 
 @pytest.mark.parametrize("backend", slow_triton(KERNEL_BACKENDS))
-@pytest.mark.parametrize("reduce", [True, False])
+@pytest.mark.parametrize("reduce", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_opcheck(backend, reduce, seed):
     device = backend_device(backend)
     p, lp, ids = problem(seed, n=11, device=device)

@@ -20,15 +20,18 @@ def slow_triton(backends):
             for b in backends]
 
 
-def cases(values, fast_triton=()):
+def cases(values, fast_triton=(), fast_reference=None):
     """(backend, value) pairs; triton (interpreted on CPU, seconds per call) only for `fast_triton` values in
-    the default run, the rest marked slow."""
-    slow = not torch.cuda.is_available()
-    return [pytest.param(b, v, marks=[pytest.mark.slow] if slow and b == "triton" and v not in fast_triton else [])
-            for b in BACKENDS for v in values]
+    the default run, the reference only for `fast_reference` ones (None: all); the rest marked slow."""
+    def slow(b, v):
+        if b == "triton":
+            return not torch.cuda.is_available() and v not in fast_triton
+        return b == "reference" and fast_reference is not None and v not in fast_reference
+    return [pytest.param(b, v, marks=[pytest.mark.slow] if slow(b, v) else []) for b in BACKENDS for v in values]
 
 
-@pytest.mark.parametrize("backend,divergence", cases(DIVERGENCES, fast_triton=("jsd",)))
+@pytest.mark.parametrize("backend,divergence", cases(DIVERGENCES, fast_triton=("jsd",),
+                                                          fast_reference=("kl", "jsd")))
 def test_divergences_and_tails(backend, divergence, seed):
     """Both tails, 7-row chunks over 19 tokens, ignored rows, hard labels and T = 2."""
     device = backend_device(backend)
@@ -94,7 +97,7 @@ def test_matches_topk_distill_loss_on_materialized_logits(backend, seed):
         torch.testing.assert_close(actual_grad, expected_grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS + ["reference"])
+@pytest.mark.parametrize("backend", slow_triton(KERNEL_BACKENDS) + ["reference"])
 def test_deterministic_and_chunk_invariant(backend, seed):
     """Bitwise equal run to run; the chunk size changes only the rounding of the weight-gradient sum."""
     device = backend_device(backend)

@@ -12,6 +12,7 @@ from fastdistill.cache.targets import unpack_targets
 from fastdistill.ops.fused_linear_common import autocast_dtype, cast_floats, no_autocast
 from fastdistill.ops.fused_linear_targets import check_student, run_targets_loss
 from fastdistill.ops.loss_common import check_loss_options
+from fastdistill.ops.sampled_distill_loss import check_sampled_tensors, validate_sampled
 
 NAMES = ("teacher_sampled_logprobs", "teacher_sampled_indices")
 
@@ -41,8 +42,6 @@ def fused_linear_sampled_distill_loss(student_hidden: torch.Tensor, student_weig
                 chunk_size=chunk_size, logit_scale=logit_scale, softcap=softcap, temperature=temperature,
                 soft_weight=soft_weight, hard_weight=hard_weight, scale_t2=scale_t2, ignore_index=ignore_index,
                 reduction=reduction, num_items=num_items, validate=validate, backend=backend)
-    from fastdistill.ops.sampled_distill_loss import check_sampled_tensors, validate_sampled
-
     logits = check_student(student_hidden, student_weight, student_bias, chunk_size, logit_scale, softcap)
     check_loss_options("kl", temperature, 0.5, 0.1, soft_weight, hard_weight, reduction, num_items, labels,
                        ignore_index)

@@ -22,6 +22,8 @@ from fastdistill.ops.common import native, row_labels
 from fastdistill.ops.fused_linear_chunks import CHUNK_BUDGET_BYTES, run_student_chunks
 from fastdistill.ops.fused_linear_common import FusedLossOps, check_fused_options, check_head
 from fastdistill.ops.loss_common import check_label_values, row_scale
+from fastdistill.ops.sampled_distill_loss import sampled_distill_loss_triton
+from fastdistill.ops.topk_distill_loss import topk_distill_loss_triton
 from fastdistill.reference.fused_linear_topk_distill_loss import fused_linear_targets_loss_chunked_ref
 
 # chunk_size=None: rows per chunk such that the float32 [chunk, V] buffers alive at once fit the budget.
@@ -89,11 +91,7 @@ class SampledConfig:
 def _kernel_op(kind: str, backend: str):
     if backend != "triton":
         return native(f"{kind}_distill_loss_{backend}")
-    if kind == "topk":
-        from fastdistill.ops.topk_distill_loss import topk_distill_loss_triton
-        return topk_distill_loss_triton
-    from fastdistill.ops.sampled_distill_loss import sampled_distill_loss_triton
-    return sampled_distill_loss_triton
+    return topk_distill_loss_triton if kind == "topk" else sampled_distill_loss_triton
 
 
 def _rows_of(kind: str):

@@ -11,6 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fastdistill.reference.fused_linear_distill_loss import _zero_ignored, head_logits_ref
+from fastdistill.reference.sampled_distill_loss import sampled_distill_loss_ref, sampled_distill_loss_rows_ref
 from fastdistill.reference.topk_distill_loss import topk_distill_loss_ref, topk_distill_loss_rows_ref
 
 KINDS = ("topk", "sampled")
@@ -21,8 +22,6 @@ def _losses(kind: str):
     if kind == "topk":
         return topk_distill_loss_rows_ref, topk_distill_loss_ref
     if kind == "sampled":
-        from fastdistill.reference.sampled_distill_loss import (sampled_distill_loss_ref,
-                                                                sampled_distill_loss_rows_ref)
         return sampled_distill_loss_rows_ref, sampled_distill_loss_ref
     raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
 
