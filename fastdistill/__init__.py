@@ -10,12 +10,14 @@ from fastdistill._version import __version__
 
 _ext.load_error()  # loads fastdistill._C now: registers its ops, or warns when a present build is broken
 
-from fastdistill.cache import TeacherCache  # noqa: E402
+from fastdistill.cache import TeacherCache, TeacherTargets, collate_sampled, collate_topk  # noqa: E402
 from fastdistill import quant, sparse  # noqa: E402,F401  (fastdistill.quant.*, fastdistill.sparse.*)
-from fastdistill.nn import (DistillLoss, FusedLinearDistillLoss, HiddenDistillLoss, Int8Linear,  # noqa: E402
+from fastdistill.nn import (DistillLoss, FusedLinearDistillLoss, FusedLinearSampledDistillLoss,  # noqa: E402
+                            FusedLinearTopKDistillLoss, HiddenDistillLoss, Int8Linear, SampledDistillLoss,
                             SparseLinear)
 from fastdistill.ops import (block_sparse_linear, distill_loss, fused_linear_distill_loss,  # noqa: E402
-                             hidden_distill_loss, int8_linear, int8_weight_only_linear, quantize_per_token,
+                             fused_linear_sampled_distill_loss, fused_linear_topk_distill_loss, hidden_distill_loss,
+                             int8_linear, int8_weight_only_linear, quantize_per_token, sampled_distill_loss,
                              semi_structured_linear, topk_distill_loss)
 
 
@@ -40,7 +42,9 @@ def info() -> dict:
     return out
 
 
-__all__ = ["DistillLoss", "FusedLinearDistillLoss", "HiddenDistillLoss", "Int8Linear", "SparseLinear", "TeacherCache",
-           "block_sparse_linear", "distill_loss", "fused_linear_distill_loss", "hidden_distill_loss", "info",
-           "int8_linear", "int8_weight_only_linear", "quant", "quantize_per_token", "semi_structured_linear", "sparse",
-           "topk_distill_loss", "__version__"]
+__all__ = ["DistillLoss", "FusedLinearDistillLoss", "FusedLinearSampledDistillLoss", "FusedLinearTopKDistillLoss",
+           "HiddenDistillLoss", "Int8Linear", "SampledDistillLoss", "SparseLinear", "TeacherCache", "TeacherTargets",
+           "block_sparse_linear", "collate_sampled", "collate_topk", "distill_loss", "fused_linear_distill_loss",
+           "fused_linear_sampled_distill_loss", "fused_linear_topk_distill_loss", "hidden_distill_loss", "info",
+           "int8_linear", "int8_weight_only_linear", "quant", "quantize_per_token", "sampled_distill_loss",
+           "semi_structured_linear", "sparse", "topk_distill_loss", "__version__"]

@@ -30,6 +30,8 @@ _FIRST_CALL_UNDER_COMPILE = textwrap.dedent("""
     torch.manual_seed(0)
     s = torch.randn(6, 33, requires_grad=True); t = torch.randn(6, 33)
     lp, ids = torch.log_softmax(t, -1).topk(4)
+    from fastdistill.cache.sampling import sample_teacher_targets
+    slp, sids = sample_teacher_targets(t, 5, generator=torch.Generator().manual_seed(0))
     h = torch.randn(6, 8, requires_grad=True); w = torch.randn(33, 8, requires_grad=True)
     x = torch.randn(5, 32, requires_grad=True); wd = torch.randn(16, 32)
     wd.view(16, 8, 4)[..., 2:] = 0  # 2:4
@@ -41,6 +43,11 @@ _FIRST_CALL_UNDER_COMPILE = textwrap.dedent("""
         "topk_distill_loss": lambda: fastdistill.topk_distill_loss(s, lp, ids, backend="cpu"),
         "fused_linear_distill_loss": lambda: fastdistill.fused_linear_distill_loss(h, w, h.detach(), w.detach(),
                                                                                    backend="cpu"),
+        "sampled_distill_loss": lambda: fastdistill.sampled_distill_loss(s, slp, sids, backend="cpu"),
+        "fused_linear_topk_distill_loss": lambda: fastdistill.fused_linear_topk_distill_loss(h, w, lp, ids,
+                                                                                             backend="cpu"),
+        "fused_linear_sampled_distill_loss": lambda: fastdistill.fused_linear_sampled_distill_loss(
+            h, w, slp, sids, backend="cpu"),
         "quantize_per_token": lambda: fastdistill.quantize_per_token(x.detach(), backend="cpu")[1],
         "int8_linear": lambda: fastdistill.int8_linear(q, qs, wq, ws, backend="cpu"),
         "int8_weight_only_linear": lambda: fastdistill.int8_weight_only_linear(x, wq, ws, backend="cpu"),
@@ -60,4 +67,4 @@ def test_first_call_inside_compile_fullgraph(tmp_path):
     script.write_text(_FIRST_CALL_UNDER_COMPILE)
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
-    assert res.stdout.count("ok ") == 8, res.stdout
+    assert res.stdout.count("ok ") == 11, res.stdout
