@@ -43,7 +43,7 @@ def sample_teacher_targets(logits: torch.Tensor, k: int, temperature: float = 1.
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
     V = logits.shape[-1]
     logprobs = torch.log_softmax(logits.float().reshape(-1, V) / temperature, dim=-1)
-    bad = torch.isnan(logprobs).any(-1)
+    bad = torch.isnan(logprobs.amax(-1))  # amax propagates NaN: one reduction, no [rows, V] mask
     if bad.any():
         row = int(bad.nonzero()[0, 0])
         raise ValueError(f"logits: row {row} has no distribution to sample (NaN or +inf logits, or all -inf)")
