@@ -11,6 +11,8 @@ d(weight): 3 x 2·N·H·V) at the GEMM rate measured in the same run on a [token
     python benchmarks/bench_fused_linear_topk.py     # CPU: 2048 tokens, H 1024, V 32000, fp32, k 64
     python benchmarks/bench_fused_linear_topk.py --device cuda --tokens 8192 --hidden 4096 --vocab 128256 \\
         --dtype bfloat16 --rounds 1
+    python benchmarks/bench_fused_linear_topk.py --providers materialized fastdistill-cpu@80 fastdistill-cpu@320
+        # a fused provider with "@<rows>" runs that chunk size (the auto size otherwise, or --chunk-size)
 """
 from __future__ import annotations
 
@@ -53,8 +55,9 @@ def loss_fn(provider: str, spec: dict):
         return torch.compile(lambda h, w, lp, ids: ref(F.linear(h, w), lp, ids, **opts))
     if provider.startswith("fastdistill-"):
         fused = fused_linear_topk_distill_loss if topk else fused_linear_sampled_distill_loss
-        backend = provider.split("-", 1)[1]
-        return lambda h, w, lp, ids: fused(h, w, lp, ids, backend=backend, **opts)
+        backend, _, rows = provider.split("-", 1)[1].partition("@")  # fastdistill-cpu@160: 160-row chunks
+        chunk = int(rows) if rows else spec.get("chunk_size")
+        return lambda h, w, lp, ids: fused(h, w, lp, ids, backend=backend, chunk_size=chunk, **opts)
     raise ValueError(f"unknown provider {provider}")
 
 
@@ -116,6 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--divergence", default="kl")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--providers", nargs="+")
+    p.add_argument("--chunk-size", type=int, help="rows per chunk of the fused providers (default: auto)")
     p.add_argument("--reps", type=int)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every provider")
     p.add_argument("--out", help="CSV name under benchmarks/results (default fused_linear_<kind>_<device>)")
@@ -139,7 +143,7 @@ def main(argv=None) -> int:
         for provider in names:  # interleaved: machine load hits every provider alike
             spec = dict(provider=provider, kind=args.kind, tokens=tokens, hidden=hidden, vocab=vocab, k=args.k,
                         dtype=dtype, tail=args.tail, divergence=args.divergence, temperature=args.temperature,
-                        device=args.device, reps=args.reps or (10 if gpu else 3))
+                        device=args.device, reps=args.reps or (10 if gpu else 3), chunk_size=args.chunk_size)
             res = harness.run_worker(__file__, spec)
             runs[provider].append(res)
             shown = res if "error" in res else {**harness.summarize(res["times"]), **res}
@@ -149,7 +153,7 @@ def main(argv=None) -> int:
         row = {**env, "op": f"fused_linear_{args.kind}_distill_loss", "kind": args.kind, "k": args.k,
                "tail": args.tail if args.kind == "topk" else "", "divergence": args.divergence, "tokens": tokens,
                "hidden": hidden, "vocab": vocab, "dtype": dtype, "provider": provider, "mode": "full",
-               "rounds": args.rounds}
+               "chunk_size": args.chunk_size or "auto", "rounds": args.rounds}
         ok = [r for r in rs if "error" not in r]
         if not ok:
             row["error"] = rs[-1]["error"]
@@ -164,10 +168,15 @@ def main(argv=None) -> int:
         if base is not None:
             row["x_materialized_time"] = row["median_ms"] / base["median_ms"]
             row["x_materialized_mem"] = row["peak_mem_mb"] / max(base["peak_mem_mb"], 1e-9)
+            # Paired by round (each round's median over materialized's in the same round): robust to load
+            # that changes between rounds on a shared machine.
+            pairs = [statistics.median(a["times"]) / statistics.median(b["times"])
+                     for a, b in zip(runs[row["provider"]], runs["materialized"]) if "times" in a and "times" in b]
+            row["x_materialized_time_paired"] = statistics.median(pairs) if pairs else None
         row["x_floor"] = row["median_ms"] / row["floor_ms"]
     harness.finish(args.out or f"fused_linear_{args.kind}_{args.device}", results, args.csv_dir,
                    ["provider", "median_ms", "p20_ms", "p80_ms", "peak_mem_mb", "x_materialized_time",
-                    "x_materialized_mem", "x_floor"])
+                    "x_materialized_time_paired", "x_materialized_mem", "x_floor"])
     return 0
 
 
