@@ -40,7 +40,8 @@ step test_gpu 240 $PY -m pytest -q -m gpu tests/test_gpu_offline_targets.py test
   tests/test_gpu_sparse.py tests/test_gpu_bsr_smem.py -p no:cacheprovider
 step test_parity 150 $PY -m pytest -q tests/test_distill_loss.py tests/test_distill_loss_api.py \
   tests/test_fused_linear_distill_loss.py tests/test_topk_distill_loss.py tests/test_sampled_distill_loss.py \
-  tests/test_fused_linear_topk_distill_loss.py tests/test_fused_linear_sampled_distill_loss.py tests/test_block_sparse_linear.py \
+  tests/test_topk_distill_loss_api.py tests/test_sampled_distill_loss_api.py tests/test_fused_linear_topk_distill_loss.py \
+  tests/test_fused_linear_sampled_distill_loss.py tests/test_block_sparse_linear.py \
   tests/test_block_sparse_linear_api.py tests/test_semi_structured_linear.py tests/test_int8_ops.py \
   tests/test_int8_api.py tests/test_quant_layers.py tests/test_nan_rule.py tests/test_int8_special_values.py \
   tests/test_int8_layer_checks.py tests/test_loss_boundaries.py -k "cuda or triton" -p no:cacheprovider
@@ -56,6 +57,8 @@ fi
 # Issue 13 targets: fused linear top-k at 8192 tokens x H 4096 x V 128256 bf16, k 64: <= 2 GB extra, <= 1.2x the GEMM floor.
 step bench_fused_topk 120 $PY benchmarks/bench_fused_linear_topk.py --device cuda --tokens 8192 --hidden 4096 \
   --vocab 128256 --dtype bfloat16 --k 64 --rounds 1 --out fused_linear_topk_h200 --csv-dir "$OUT"
+step bench_topk_cuda 90 $PY benchmarks/bench_topk.py --device cuda --rows 8192 --vocab 128256 --k 64 --dtype bfloat16 \
+  --modes full --providers fastdistill-triton fastdistill-cuda --reps 10 --out topk_h200 --csv-dir "$OUT"
 step bench_sparse_cuda 120 $PY benchmarks/bench_sparse_cuda_kernels.py --quick --csv-dir "$OUT"
 step bench_int8_cuda 60 $PY benchmarks/bench_int8_cuda_kernels.py --device cuda --csv-dir "$OUT"
 step bench 60 $PY benchmarks/bench_distill_loss.py --device cuda --modes full --divergence kl \
