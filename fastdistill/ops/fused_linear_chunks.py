@@ -40,6 +40,15 @@ def auto_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
     return max(min(rows, n_rows), 1)
 
 
+# Rows per loss-kernel call on CPU (run_student_chunks' loss_rows): the gradient buffer of a call is
+# [LOSS_ROWS_CPU, V] rather than [chunk, V]. GPU kernels take the whole chunk in one call.
+LOSS_ROWS_CPU = 64
+
+
+def default_loss_rows(chunk_size: int, device: torch.device) -> int:
+    return min(chunk_size, LOSS_ROWS_CPU) if device.type == "cpu" else chunk_size
+
+
 class _Head:
     """One model's output projection, producing float32 logits (float64 for float64 weights).
 
@@ -126,7 +135,7 @@ def run_student_chunks(student_hidden: torch.Tensor, student_weight: torch.Tenso
                        student_bias: Optional[torch.Tensor], labels: Optional[torch.Tensor],
                        row_weights: Optional[torch.Tensor], chunk_loss: ChunkLossFn, *, logit_scale: float,
                        softcap: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
-                       need_grad_bias: bool, ignore_index: int = -100):
+                       need_grad_bias: bool, ignore_index: int = -100, loss_rows: Optional[int] = None):
     """The student side of every fused linear loss: per chunk of rows the student's logits (GEMM,
     logit_scale, softcap), `chunk_loss` for the rows' losses and d(loss)/d(logits), then that gradient
     back through softcap and the GEMM into the requested gradients of sum(rows · row_weights).
@@ -134,8 +143,13 @@ def run_student_chunks(student_hidden: torch.Tensor, student_weight: torch.Tenso
     Returns (rows [N] float32 (float64 for float64 weights), grad_hidden, grad_weight, grad_bias); a
     gradient not requested is None. Gradients come back in their parameter's dtype; the weight and bias
     gradients are accumulated in float32.
+
+    loss_rows: rows per `chunk_loss` call (None: default_loss_rows). Calls smaller than the chunk keep the
+    loss's [rows, V] gradient small while the GEMMs still run on whole chunks: each call's gradient goes into
+    the chunk's logits rows it has consumed.
     """
     n_rows = student_hidden.shape[0]
+    loss_rows = loss_rows or default_loss_rows(chunk_size, student_weight.device)
     v_s = student_weight.shape[0]
     student = _Head(student_weight, student_bias)
     want_grad = need_grad_hidden or need_grad_weight or need_grad_bias
@@ -156,14 +170,26 @@ def run_student_chunks(student_hidden: torch.Tensor, student_weight: torch.Tenso
             h_s = h_s.masked_fill((chunk_labels == ignore_index).unsqueeze(-1), 0)  # dW and softcap's chain rule
         out = None if workspace is None else workspace[:end - start]
         s = _transform_(student.logits(h_s, out), logit_scale, softcap)
-        loss_rows, grad = chunk_loss(start, end, s, chunk_labels, want_grad)
-        rows[start:end] = loss_rows
+        whole = loss_rows >= end - start  # one loss call: its gradient is the chunk's
+        grad = None if whole else s  # several calls: each one's logits rows are spent, its gradient goes there
+        for a in range(start, end, loss_rows):
+            b = min(a + loss_rows, end)
+            s_ab = s[a - start:b - start]
+            loss_ab, grad_ab = chunk_loss(a, b, s_ab, None if labels is None else chunk_labels[a - start:b - start],
+                                          want_grad)
+            rows[a:b] = loss_ab
+            if not want_grad:
+                continue
+            grad_ab = grad_ab[:, :v_s] if grad_ab.shape[-1] != v_s else grad_ab
+            if row_weights is not None:
+                grad_ab.mul_(row_weights[a:b].unsqueeze(-1))
+            _chain_(grad_ab, s_ab, logit_scale, softcap)
+            if whole:
+                grad = grad_ab
+            else:
+                s_ab.copy_(grad_ab)
         if not want_grad:
             continue
-        grad = grad[:, :v_s] if grad.shape[-1] != v_s else grad
-        if row_weights is not None:
-            grad.mul_(row_weights[start:end].unsqueeze(-1))
-        _chain_(grad, s, logit_scale, softcap)
         if grad_hidden is not None:
             student.grad_hidden(grad, grad_hidden[start:end])
         if grad_weight is not None:
@@ -182,7 +208,8 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
                labels: Optional[torch.Tensor], row_weights: Optional[torch.Tensor], loss_fn: LossFn, *,
                logit_scale: float, softcap: float, teacher_logit_scale: float, teacher_softcap: float,
                chunk_size: int, need_grad_hidden: bool,
-               need_grad_weight: bool, need_grad_bias: bool, ignore_index: int = -100):
+               need_grad_weight: bool, need_grad_bias: bool, ignore_index: int = -100,
+               loss_rows: Optional[int] = None):
     """run_student_chunks with a teacher head: per chunk the teacher's logits (teacher_logit_scale,
     teacher_softcap; softcap 0: none), the smaller vocabulary padded with -inf, then `loss_fn`."""
     vocab = max(student_weight.shape[0], teacher_weight.shape[0])
@@ -190,13 +217,21 @@ def run_chunks(student_hidden: torch.Tensor, student_weight: torch.Tensor, stude
     workspace = new_workspace(teacher, teacher_hidden.shape[0], chunk_size, teacher_weight.shape[0],
                               teacher_weight.device)
 
+    n_rows = teacher_hidden.shape[0]
+    chunk = [-1, None]  # (first row, logits) of the teacher's current chunk, shared by its loss calls
+
     def chunk_loss(start, end, s, chunk_labels, want_grad):
-        out = None if workspace is None else workspace[:end - start]
-        with torch.no_grad():
-            t = _transform_(teacher.logits(teacher_hidden[start:end], out), teacher_logit_scale, teacher_softcap)
+        first = start - start % chunk_size  # run_student_chunks' chunks start at multiples of chunk_size
+        if chunk[0] != first:
+            last = min(first + chunk_size, n_rows)
+            out = None if workspace is None else workspace[:last - first]
+            with torch.no_grad():
+                t = teacher.logits(teacher_hidden[first:last], out)
+            chunk[:] = first, _transform_(t, teacher_logit_scale, teacher_softcap)
+        t = chunk[1][start - first:end - first]
         return loss_fn(pad_vocab(s, vocab), pad_vocab(t, vocab), chunk_labels, want_grad)
 
     return run_student_chunks(student_hidden, student_weight, student_bias, labels, row_weights, chunk_loss,
                               logit_scale=logit_scale, softcap=softcap, chunk_size=chunk_size,
                               need_grad_hidden=need_grad_hidden, need_grad_weight=need_grad_weight,
-                              need_grad_bias=need_grad_bias, ignore_index=ignore_index)
+                              need_grad_bias=need_grad_bias, ignore_index=ignore_index, loss_rows=loss_rows)
