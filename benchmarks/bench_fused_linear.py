@@ -89,7 +89,17 @@ def worker(spec: dict) -> dict:
                 hs.grad = ws.grad = None
                 fn(hs, ws, ht, wt).backward()
             times = harness.time_it(full, device=device, warmup=1, reps=spec["reps"])
-    return {**harness.summarize(times), "peak_mem_mb": peak.extra / 2**20}
+    return {**harness.summarize(times), "peak_mem_mb": peak.extra / 2**20, "times_ms": times}
+
+
+def _merge(rounds: list[dict]) -> dict:
+    """One provider's rounds as one result: quantiles over every rep, the median peak (first error if any)."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return rounds[0]
+    times = [t for r in ok for t in r["times_ms"]]
+    return {**harness.summarize(times), "peak_mem_mb": statistics.median(r["peak_mem_mb"] for r in ok),
+            "rounds": len(ok)}
 
 
 def main(argv=None) -> int:
@@ -106,6 +116,9 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--providers", nargs="+")
     p.add_argument("--reps", type=int)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every provider this many times in turn (interleaved: a shared machine's load "
+                        "falls on all alike); times are the median over all rounds' reps, memory the median peak")
     p.add_argument("--out", help="CSV name under benchmarks/results (default fused_linear_<device>)")
     p.add_argument("--csv-dir", help="also write the CSV here")
     args = p.parse_args(argv)
@@ -126,17 +139,24 @@ def main(argv=None) -> int:
         print(f"{env['device']} | torch {env['torch']} | {tokens} tokens, H_s {h_s}, H_t {h_t}, V {vocab} {dtype} "
               f"| GEMM {rate:.2f} TFLOP/s -> floor fwd {flops['fwd'] / rate / 1e9:.1f} ms, "
               f"full {flops['full'] / rate / 1e9:.1f} ms", flush=True)
-        for provider in args.providers or providers(args.device, args.divergence):
-            for mode in args.modes:
-                spec = dict(provider=provider, mode=mode, tokens=tokens, h_s=h_s, h_t=h_t, vocab=vocab, dtype=dtype,
-                            divergence=args.divergence, temperature=args.temperature, device=args.device, reps=reps)
-                r = harness.run_worker(__file__, spec)
-                floor_ms = flops[mode] / rate / 1e9
-                row = {**env, "op": "fused_linear_distill_loss", "divergence": args.divergence, "tokens": tokens,
-                       "h_s": h_s, "h_t": h_t, "vocab": vocab, "dtype": dtype, "provider": provider, "mode": mode,
-                       **r, "gemm_tflops": rate, "floor_ms": floor_ms}
-                results.append(row)
-                print(f"  {provider:>24} {mode:>4}: {harness.describe(r)}", flush=True)
+        runs = {}
+        for _ in range(args.rounds):
+            for provider in args.providers or providers(args.device, args.divergence):
+                for mode in args.modes:
+                    spec = dict(provider=provider, mode=mode, tokens=tokens, h_s=h_s, h_t=h_t, vocab=vocab,
+                                dtype=dtype, divergence=args.divergence, temperature=args.temperature,
+                                device=args.device, reps=reps)
+                    runs.setdefault((provider, mode), []).append(harness.run_worker(__file__, spec))
+                    print(f"  {provider:>24} {mode:>4}: {harness.describe(runs[provider, mode][-1])}", flush=True)
+        for (provider, mode), rs in runs.items():
+            r = _merge(rs)
+            floor_ms = flops[mode] / rate / 1e9
+            row = {**env, "op": "fused_linear_distill_loss", "divergence": args.divergence, "tokens": tokens,
+                   "h_s": h_s, "h_t": h_t, "vocab": vocab, "dtype": dtype, "provider": provider, "mode": mode,
+                   **r, "gemm_tflops": rate, "floor_ms": floor_ms}
+            results.append(row)
+            if args.rounds > 1:
+                print(f"  {provider:>24} {mode:>4}: {harness.describe(r)} (all {len(rs)} rounds)", flush=True)
     for row in results:  # ratios within this run
         if "median_ms" not in row:
             continue

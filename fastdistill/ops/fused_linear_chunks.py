@@ -20,11 +20,17 @@ from fastdistill.ops.common import new_output
 # chunk_size=None: rows per chunk such that the float32 [chunk, V] buffers alive at once (student and
 # teacher logits, the logits' gradient, one temporary) fit this budget. GPU: 512 MiB keeps the extra
 # memory of an 8192 x 128256 bf16 problem near 2 GB (the float32 weight-gradient accumulator is 1 GB
-# of it) while chunks of ~256 rows still run the GEMMs near peak. CPU: 128 MiB (256 rows at V = 32000);
-# on the 2-core dev machine 128-row chunks cost ~40% more time (GEMM efficiency, one pass over the
-# weight-gradient accumulator per chunk) and 512-row chunks saved little time for twice the memory.
+# of it) while chunks of ~256 rows still run the GEMMs near peak.
 CHUNK_BUDGET_BYTES = {"cuda": 512 << 20, "cpu": 128 << 20}
 _LIVE_BUFFERS = 4
+# CPU: the loss runs in calls of LOSS_ROWS_CPU rows (default_loss_rows), so the live buffers are the two
+# heads' [chunk, V] logits and one call's [LOSS_ROWS_CPU, V] gradient; 96 MiB gives 352-row chunks at
+# V = 32000, the memory that three [256, V] buffers took before (fwd+bwd peak ~0.2x the eager version's).
+# Each GEMM call streams its whole [V, H] weight (or accumulator) once, so larger chunks run the GEMMs
+# faster (dev CPU, one thread: 256-row chunks took up to ~15% more GEMM time than one 1024-row chunk).
+CPU_LOGITS_BUDGET_BYTES = 96 << 20
+# Rows per loss-kernel call on CPU; GPU kernels take the whole chunk in one call.
+LOSS_ROWS_CPU = 64
 
 # loss_fn(student_logits, teacher_logits, labels, want_grad) -> (row losses float32 already times the
 # scale, d(sum of rows)/d(student_logits) float32 or None)
@@ -33,16 +39,13 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], bool],
 
 
 def auto_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
-    budget = CHUNK_BUDGET_BYTES.get(device.type, CHUNK_BUDGET_BYTES["cpu"])
-    rows = max(budget // (vocab * 4 * _LIVE_BUFFERS), 1)
+    if device.type == "cpu":
+        rows = max((CPU_LOGITS_BUDGET_BYTES // (vocab * 4) - LOSS_ROWS_CPU) // 2, 1)
+    else:
+        rows = max(CHUNK_BUDGET_BYTES.get(device.type, CHUNK_BUDGET_BYTES["cpu"]) // (vocab * 4 * _LIVE_BUFFERS), 1)
     if rows >= 16:
         rows -= rows % 16  # GEMM-friendly multiples
     return max(min(rows, n_rows), 1)
-
-
-# Rows per loss-kernel call on CPU (run_student_chunks' loss_rows): the gradient buffer of a call is
-# [LOSS_ROWS_CPU, V] rather than [chunk, V]. GPU kernels take the whole chunk in one call.
-LOSS_ROWS_CPU = 64
 
 
 def default_loss_rows(chunk_size: int, device: torch.device) -> int:
@@ -97,8 +100,8 @@ class _Head:
 
 def new_workspace(head: _Head, n_rows: int, chunk_size: int, vocab: int, device) -> Optional[torch.Tensor]:
     """One [chunk, V] logits buffer that every chunk of a call reuses (None: the head allocates per chunk).
-    A fresh buffer per chunk costs the kernel's page faults on every chunk on CPU, whose allocator
-    returns these large blocks to the OS when freed (~20% of the GEMM time at 256 x 32000 on 2 cores)."""
+    A fresh buffer per chunk pays the kernel's page faults again on CPU, whose allocator returns blocks this
+    large to the OS when freed: writing a fresh [256, 32000] buffer took ~6x as long as rewriting one."""
     if head.mixed or n_rows == 0:
         return None
     return torch.empty((min(chunk_size, n_rows), vocab), dtype=head.dtype, device=device)
