@@ -57,11 +57,6 @@ def load_tiny_lm():
     return module.TinyLM
 
 
-def sampled_loss():
-    from fastdistill.ops.sampled_distill_loss import sampled_distill_loss
-    return sampled_distill_loss
-
-
 def bytes_per_token(target: str, k: int, vocab: int) -> int:
     if target == "full":
         return 2 * vocab  # fp16 logits
@@ -106,8 +101,7 @@ def make_loss(target, k, seed, cache):
                                                                 backend="auto")
     if target == "sampled":
         lp, idx = cache["sampled"][(seed, k)]
-        fn = sampled_loss()
-        return lambda z, sl, ids: fn(z, lp[sl], idx[sl], backend="auto")
+        return lambda z, sl, ids: fastdistill.sampled_distill_loss(z, lp[sl], idx[sl], backend="auto")
     if target == "ce":  # next-token labels; the last position has none
         def ce(z, sl, ids):
             labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], 1)
