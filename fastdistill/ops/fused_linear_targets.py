@@ -26,13 +26,14 @@ from fastdistill.ops.sampled_distill_loss import sampled_distill_loss_triton
 from fastdistill.ops.topk_distill_loss import topk_distill_loss_triton
 from fastdistill.reference.fused_linear_topk_distill_loss import fused_linear_targets_loss_chunked_ref
 
-# chunk_size=None: rows per chunk such that the float32 [chunk, V] buffers alive at once fit the budget.
-# Unlike the two-head op there is no teacher logits buffer: the student's logits, the kernel's gradient of
-# them and softcap's chain-rule temporary, so 3 buffers (not 4) per row of V. CPU uses half the two-head
-# op's budget: at 2048 x 1024 x 32000 the float32 weight gradient (131 MB) already exceeds what the
-# chunks take, and the peak-memory target is a quarter of the materialized logits' (logits + their
-# gradient, 524 MB); 160-row chunks still run the GEMMs near the rate of full ones on the dev CPU.
-TARGETS_BUDGET_BYTES = {"cuda": CHUNK_BUDGET_BYTES["cuda"], "cpu": CHUNK_BUDGET_BYTES["cpu"] // 2}
+# chunk_size=None: rows per chunk such that the float32 [chunk, V] buffers alive at once fit the two-head op's
+# budget. Unlike that op there is no teacher logits buffer: the student's logits, the kernel's gradient of
+# them and softcap's chain-rule temporary, so 3 buffers (not 4) per row of V. Measured on the 2-core dev CPU
+# at 2048 x 1024 x 32000, fp32, k 64 (benchmarks/results/fused_linear_topk_cpu_chunks.csv, interleaved runs,
+# time paired with materialized logits + topk_distill_loss): 80-row chunks 1.64x the time at 0.30x the
+# memory, 160 rows 1.14x at 0.34x, 320 rows 0.97x at 0.37x. The memory floor is the float32 weight and
+# hidden gradients (133 MiB, 0.27x of materialized's 500 MiB), so smaller chunks buy little; 336 rows here.
+TARGETS_BUDGET_BYTES = CHUNK_BUDGET_BYTES
 _LIVE_BUFFERS = 3
 _TENSORS = ("Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor teacher_logprobs, "
             "Tensor teacher_indices, Tensor? labels, Tensor scale, Tensor? row_weights")
