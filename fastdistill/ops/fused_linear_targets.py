@@ -31,8 +31,9 @@ from fastdistill.reference.fused_linear_topk_distill_loss import fused_linear_ta
 # them and softcap's chain-rule temporary, so 3 buffers (not 4) per row of V. Measured on the 2-core dev CPU
 # at 2048 x 1024 x 32000, fp32, k 64 (benchmarks/results/fused_linear_topk_cpu_chunks.csv, interleaved runs,
 # time paired with materialized logits + topk_distill_loss): 80-row chunks 1.64x the time at 0.30x the
-# memory, 160 rows 1.14x at 0.34x, 320 rows 0.97x at 0.37x. The memory floor is the float32 weight and
-# hidden gradients (133 MiB, 0.27x of materialized's 500 MiB), so smaller chunks buy little; 336 rows here.
+# memory, 160 rows 1.14x at 0.34x, 320 rows 0.97x at 0.37x (a loaded shared machine; a quieter run,
+# fused_linear_topk_cpu_quiet.csv: 336 rows 1.18x, 1024 rows 1.10x at 0.54x). The memory floor is the float32
+# weight and hidden gradients (133 MiB, 0.27x of materialized's 500 MiB), so smaller chunks buy little.
 TARGETS_BUDGET_BYTES = CHUNK_BUDGET_BYTES
 _LIVE_BUFFERS = 3
 _TENSORS = ("Tensor student_hidden, Tensor student_weight, Tensor? student_bias, Tensor teacher_logprobs, "
