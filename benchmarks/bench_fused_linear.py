@@ -48,9 +48,10 @@ def loss_fn(provider: str, spec: dict):
             return distill_loss_ref(pad_vocab(s, v), pad_vocab(t, v), divergence=div, temperature=T)
         return torch.compile(fn) if provider == "compile" else fn
     if provider.startswith("fastdistill-"):
-        backend = provider.split("-", 1)[1]
+        backend, _, rows = provider.split("-", 1)[1].partition("@")  # fastdistill-cpu@512: 512-row chunks
+        chunk = int(rows) if rows else None
         return lambda hs, ws, ht, wt: fused_linear_distill_loss(hs, ws, ht, wt, divergence=div, temperature=T,
-                                                                backend=backend)
+                                                                backend=backend, chunk_size=chunk)
     if provider == "liger-fused-linear-jsd":
         from liger_kernel.transformers import LigerFusedLinearJSD
 
