@@ -138,3 +138,44 @@ def row_scale(reduction, num_items, labels, n_rows, ignore_index, device) -> tor
         return torch.full((1,), 1.0 / max(n_rows, 1), dtype=torch.float32, device=device)
     count = (labels != ignore_index).sum().clamp_(min=1)
     return count.to(torch.float32).reciprocal().reshape(1)
+
+
+# ---- cached teacher targets ((..., k) log-probs and token ids next to (..., V) student logits) ----------------
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_target_tensors(student, logprobs, indices, labels, names: tuple[str, str]) -> None:
+    """Types, devices and shapes shared by the top-k and sampled losses; `names` are the log-prob and id
+    arguments' names (teacher_topk_* / teacher_sampled_*)."""
+    check_logits(student, student, labels)  # student + labels, as distill_loss checks them
+    lp_name, ids_name = names
+    for name, t in zip(names, (logprobs, indices)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != student.device:
+            raise ValueError(f"{name}: on {t.device}, student_logits on {student.device}")
+    if not logprobs.is_floating_point():
+        raise TypeError(f"{lp_name}: expected a floating-point tensor, got {logprobs.dtype}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{ids_name}: expected int32 or int64 token ids, got {indices.dtype}")
+    if logprobs.dim() != student.dim() or logprobs.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"{lp_name}: expected shape {tuple(student.shape[:-1])} + (k,) to match "
+                         f"student_logits {tuple(student.shape)}, got {tuple(logprobs.shape)}")
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"{ids_name}: shape {tuple(indices.shape)} does not match {lp_name} "
+                         f"shape {tuple(logprobs.shape)}")
+
+
+def counted_ids_in_range(indices, V: int, labels, ignore_index: int, name: str):
+    """validate=True's first step (a host sync): (ids [rows, k] int64, counted [rows] bool) after checking
+    that every id of a counted row (label != ignore_index) lies in [0, V)."""
+    ids = indices.reshape(-1, indices.shape[-1]).long()
+    counted = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    if labels is not None:
+        counted = labels.reshape(-1) != ignore_index
+    out = counted.unsqueeze(-1) & ((ids < 0) | (ids >= V))
+    if out.any():
+        row, col = (int(x) for x in out.nonzero()[0])
+        raise ValueError(f"{name}: id {int(ids[row, col])} in row {row} is outside [0, V = {V})")
+    return ids, counted

@@ -19,11 +19,11 @@ from fastdistill.cache.targets import unpack_targets
 from fastdistill.distributed.vocab_parallel_route import is_dtensor
 from fastdistill.ops.common import (as_int64, interpreting, launch_guard, native, register_native, row_blocks,
                                     row_labels)
-from fastdistill.ops.loss_common import (check_label_values, check_logits, check_loss_options, loss_backward,
-                                         loss_outputs, row_scale, setup_loss_context)
+from fastdistill.ops.loss_common import (check_label_values, check_loss_options, check_target_tensors,
+                                         counted_ids_in_range, loss_backward, loss_outputs, row_scale,
+                                         setup_loss_context)
 from fastdistill.reference.sampled_distill_loss import sampled_distill_loss_ref
 
-INDEX_DTYPES = (torch.int32, torch.int64)
 NAMES = ("teacher_sampled_logprobs", "teacher_sampled_indices")
 
 
@@ -59,22 +59,7 @@ register_native(("sampled_distill_loss_cpu", "sampled_distill_loss_cuda"), _fake
 def check_sampled_tensors(student, logprobs, indices, labels) -> None:
     """Types, devices and shapes of the sampled inputs (k >= 1 draws per row; k > V is allowed: the draws
     are with replacement). Shared with the fused linear sampled loss."""
-    check_logits(student, student, labels)  # student + labels, as distill_loss checks them
-    for name, t in zip(NAMES, (logprobs, indices)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.device != student.device:
-            raise ValueError(f"{name}: on {t.device}, student_logits on {student.device}")
-    if not logprobs.is_floating_point():
-        raise TypeError(f"teacher_sampled_logprobs: expected a floating-point tensor, got {logprobs.dtype}")
-    if indices.dtype not in INDEX_DTYPES:
-        raise TypeError(f"teacher_sampled_indices: expected int32 or int64 token ids, got {indices.dtype}")
-    if logprobs.dim() != student.dim() or logprobs.shape[:-1] != student.shape[:-1]:
-        raise ValueError(f"teacher_sampled_logprobs: expected shape {tuple(student.shape[:-1])} + (k,) to match "
-                         f"student_logits {tuple(student.shape)}, got {tuple(logprobs.shape)}")
-    if indices.shape != logprobs.shape:
-        raise ValueError(f"teacher_sampled_indices: shape {tuple(indices.shape)} does not match "
-                         f"teacher_sampled_logprobs shape {tuple(logprobs.shape)}")
+    check_target_tensors(student, logprobs, indices, labels, NAMES)
     if logprobs.shape[-1] < 1:
         raise ValueError("teacher_sampled_logprobs: k = 0 draws per row (need k >= 1)")
 
@@ -90,14 +75,7 @@ def validate_sampled(logprobs, indices, V, labels, ignore_index) -> None:
     """validate=True (a host sync): on the rows that count, ids in [0, V), log-probs finite (a drawn token
     has probability > 0), and the draws of one id carry one log-prob."""
     lp = logprobs.detach().reshape(-1, logprobs.shape[-1])
-    ids = indices.reshape(-1, indices.shape[-1]).long()
-    counted = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    if labels is not None:
-        counted = labels.reshape(-1) != ignore_index
-    out = counted.unsqueeze(-1) & ((ids < 0) | (ids >= V))
-    if out.any():
-        row, col = (int(x) for x in out.nonzero()[0])
-        raise ValueError(f"teacher_sampled_indices: id {int(ids[row, col])} in row {row} is outside [0, V = {V})")
+    ids, counted = counted_ids_in_range(indices, V, labels, ignore_index, "teacher_sampled_indices")
     nonfinite = counted.unsqueeze(-1) & ~torch.isfinite(lp)
     if nonfinite.any():
         row, col = (int(x) for x in nonfinite.nonzero()[0])

@@ -18,13 +18,13 @@ from fastdistill import dispatch
 from fastdistill.distributed.vocab_parallel_route import any_dtensor
 from fastdistill.ops.common import (as_int64, interpreting, launch_guard, native, register_native, row_blocks,
                                     row_labels)
-from fastdistill.ops.loss_common import (check_label_values, check_logits, check_loss_options, loss_backward,
-                                         loss_outputs, resolve, row_scale, setup_loss_context)
+from fastdistill.ops.loss_common import (check_label_values, check_loss_options, check_target_tensors,
+                                         counted_ids_in_range, loss_backward, loss_outputs, resolve, row_scale,
+                                         setup_loss_context)
 from fastdistill.reference.topk_distill_loss import TAILS, topk_distill_loss_ref
 
 # Codes shared with csrc/cpu/topk_distill_loss.cpp and fastdistill/kernels/topk_distill_loss.py.
 TAIL_CODES = {name: code for code, name in enumerate(TAILS)}
-INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @torch.library.custom_op("fastdistill::topk_distill_loss_triton", mutates_args=())
@@ -60,23 +60,8 @@ register_native(("topk_distill_loss_cpu", "topk_distill_loss_cuda"), _fake, (_BA
 def check_topk_tensors(student, logprobs, indices, labels, vocab: Optional[int] = None):
     """Types, devices and shapes of the top-k inputs; `vocab` is the whole vocabulary's V when `student`
     holds only a slice of it (vocabulary parallel)."""
-    check_logits(student, student, labels)  # student + labels, as distill_loss checks them
+    check_target_tensors(student, logprobs, indices, labels, ("teacher_topk_logprobs", "teacher_topk_indices"))
     V = student.shape[-1] if vocab is None else vocab
-    for name, t in (("teacher_topk_logprobs", logprobs), ("teacher_topk_indices", indices)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.device != student.device:
-            raise ValueError(f"{name}: on {t.device}, student_logits on {student.device}")
-    if not logprobs.is_floating_point():
-        raise TypeError(f"teacher_topk_logprobs: expected a floating-point tensor, got {logprobs.dtype}")
-    if indices.dtype not in INDEX_DTYPES:
-        raise TypeError(f"teacher_topk_indices: expected int32 or int64 token ids, got {indices.dtype}")
-    if logprobs.dim() != student.dim() or logprobs.shape[:-1] != student.shape[:-1]:
-        raise ValueError(f"teacher_topk_logprobs: expected shape {tuple(student.shape[:-1])} + (k,) to match "
-                         f"student_logits {tuple(student.shape)}, got {tuple(logprobs.shape)}")
-    if indices.shape != logprobs.shape:
-        raise ValueError(f"teacher_topk_indices: shape {tuple(indices.shape)} does not match teacher_topk_logprobs "
-                         f"shape {tuple(logprobs.shape)}")
     k = logprobs.shape[-1]
     if not 1 <= k <= V:
         raise ValueError(f"teacher_topk_logprobs: k = {k} top-k entries per row, but the vocabulary has V = {V} "
@@ -85,14 +70,7 @@ def check_topk_tensors(student, logprobs, indices, labels, vocab: Optional[int] 
 
 def _validate_indices(indices, V, labels, ignore_index):
     """Range and duplicate check of the ids of the rows that count (a host sync: opt-in, validate=True)."""
-    ids = indices.reshape(-1, indices.shape[-1]).long()
-    counted = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    if labels is not None:
-        counted = labels.reshape(-1) != ignore_index
-    out = counted.unsqueeze(-1) & ((ids < 0) | (ids >= V))
-    if out.any():
-        row, col = (int(x) for x in out.nonzero()[0])
-        raise ValueError(f"teacher_topk_indices: id {int(ids[row, col])} in row {row} is outside [0, V = {V})")
+    ids, counted = counted_ids_in_range(indices, V, labels, ignore_index, "teacher_topk_indices")
     ordered = ids.sort(-1).values
     dup = counted.unsqueeze(-1) & (ordered[:, 1:] == ordered[:, :-1])
     if dup.any():

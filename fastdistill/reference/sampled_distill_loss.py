@@ -10,12 +10,12 @@ full forward-KL gradient. Plain math in float32 (float64 when given float64), gr
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
 from fastdistill.reference.distill_loss import poison, poisoned_rows, reduce_rows
+from fastdistill.reference.topk_distill_loss import finish_rows
 
 
 def sampled_distill_loss_rows_ref(student: torch.Tensor, teacher_sampled_logprobs: torch.Tensor,
@@ -47,16 +47,7 @@ def sampled_distill_loss_rows_ref(student: torch.Tensor, teacher_sampled_logprob
     log_q = F.log_softmax(z / temperature, -1)
     coef = soft_weight * (temperature ** 2 if scale_t2 else 1.0)
     rows = coef * (lp - log_q.gather(-1, ids)).mean(-1)
-    if hard_weight != 0.0:
-        if labels is None:
-            raise ValueError("labels: required when hard_weight != 0")
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        ce = F.cross_entropy(z.reshape(-1, V), safe.reshape(-1), reduction="none").view(rows.shape)
-        rows = rows + hard_weight * ce
-    rows = torch.where(bad, torch.full((), math.nan, dtype=dtype, device=rows.device), rows)
-    if valid is not None:
-        rows = torch.where(valid, rows, torch.zeros((), dtype=dtype, device=rows.device))
-    return rows
+    return finish_rows(rows, z, labels, valid, bad, hard_weight)
 
 
 def sampled_distill_loss_ref(student: torch.Tensor, teacher_sampled_logprobs: torch.Tensor,

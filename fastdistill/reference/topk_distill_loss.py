@@ -45,6 +45,21 @@ def _category_logs(z, lp, ids, tail, temperature):
     return torch.cat([lp, log_p_rest], -1), torch.cat([log_q, log_q_rest], -1)
 
 
+def finish_rows(rows, z, labels, valid, bad, hard_weight: float):
+    """The end shared by the sparse-target references: + hard_weight · CE(z, labels), NaN on `bad` rows,
+    exact 0 on ignored rows (valid False; None: every row counts)."""
+    if hard_weight != 0.0:
+        if labels is None:
+            raise ValueError("labels: required when hard_weight != 0")
+        safe = torch.where(valid, labels, torch.zeros_like(labels))
+        ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), safe.reshape(-1), reduction="none").view(rows.shape)
+        rows = rows + hard_weight * ce
+    rows = torch.where(bad, torch.full((), math.nan, dtype=rows.dtype, device=rows.device), rows)
+    if valid is not None:
+        rows = torch.where(valid, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    return rows
+
+
 def topk_distill_loss_rows_ref(student: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
                                teacher_topk_indices: torch.Tensor, labels: torch.Tensor | None = None, *,
                                tail: str = "renormalize", divergence: str = "kl", temperature: float = 1.0,
@@ -83,16 +98,7 @@ def topk_distill_loss_rows_ref(student: torch.Tensor, teacher_topk_logprobs: tor
     log_p, log_q = _category_logs(z, lp, ids, tail, temperature)
     coef = soft_weight * (temperature ** 2 if scale_t2 else 1.0)
     rows = coef * divergence_from_logs(log_p, log_q, divergence, beta, skew)
-    if hard_weight != 0.0:
-        if labels is None:
-            raise ValueError("labels: required when hard_weight != 0")
-        safe = torch.where(valid, labels, torch.zeros_like(labels))
-        ce = F.cross_entropy(z.reshape(-1, V), safe.reshape(-1), reduction="none").view(rows.shape)
-        rows = rows + hard_weight * ce
-    rows = torch.where(bad, torch.full((), math.nan, dtype=dtype, device=rows.device), rows)
-    if valid is not None:
-        rows = torch.where(valid, rows, torch.zeros((), dtype=dtype, device=rows.device))
-    return rows
+    return finish_rows(rows, z, labels, valid, bad, hard_weight)
 
 
 def topk_distill_loss_ref(student: torch.Tensor, teacher_topk_logprobs: torch.Tensor,
