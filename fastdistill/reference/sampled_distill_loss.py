@@ -10,7 +10,6 @@ full forward-KL gradient. Plain math in float32 (float64 when given float64), gr
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
