@@ -13,6 +13,7 @@
 #include "fd_divergence.h"
 #include "fd_checks.h"
 #include "fd_cpu_isa.h"
+#include "fd_cpu_rows.h"
 
 namespace fastdistill {
 namespace {
@@ -52,26 +53,6 @@ bool row_poisoned(const float* x, int64_t V) {
   return false;
 }
 
-// Sums run in fp32 SIMD lanes over chunks of kChunk elements, and the chunk sums add up in double:
-// as accurate as PyTorch's cascade sum, at the cost of one horizontal add per chunk.
-constexpr int64_t kChunk = 64;
-
-// e_k = exp(x_k * a - shift) for all k; returns sum_k e_k. shift is the scaled row max (finite).
-FD_CLONES float row_exp_sum(const float* x, int64_t V, float a, float shift, float* e) {
-  double total = 0.0;
-  for (int64_t k0 = 0; k0 < V; k0 += kChunk) {
-    const int64_t k1 = std::min(V, k0 + kChunk);
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t k = k0; k < k1; ++k) {
-      e[k] = fd::exp_f32(x[k] * a - shift);
-      s += e[k];
-    }
-    total += s;
-  }
-  return (float)total;
-}
-
 Softmax row_softmax(const float* x, int64_t V, float a, float row_max, float* e) {
   Softmax o;
   o.max = row_max * a;  // a = 1/T > 0 keeps the arg max
@@ -82,7 +63,7 @@ Softmax row_softmax(const float* x, int64_t V, float a, float row_max, float* e)
     o.poisoned = row_poisoned(x, V);  // -inf and NaN: the plain-compare max may skip a NaN
     return o;
   }
-  const float sum = row_exp_sum(x, V, a, o.max, e);
+  const float sum = (float)exp_chunks(x, V, a, o.max, e, nullptr);  // e_k = exp(x_k * a - max)
   // The NaN rule for free: the sum is NaN exactly when the row holds NaN (exp(NaN) = NaN, whatever the
   // max) or +inf (the max is +inf, and exp(inf - inf) = NaN).
   o.poisoned = sum != sum;
@@ -173,17 +154,6 @@ FD_CLONES float row_divergence(const RowParams& rp, const float* z, const float*
     case fd::SKEW_KL: return row_sweeps_div<fd::SKEW_KL>(rp, z, y, V, st, scale, g, ce);
     case fd::SKEW_REVERSE_KL: return row_sweeps_div<fd::SKEW_REVERSE_KL>(rp, z, y, V, st, scale, g, ce);
     default: return row_sweeps_div<fd::MSE>(rp, z, y, V, st, scale, g, ce);
-  }
-}
-
-template <typename T>
-const float* widen(const T* src, int64_t V, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    float* dst = buf.data();
-    for (int64_t k = 0; k < V; ++k) dst[k] = static_cast<float>(src[k]);
-    return dst;
   }
 }
 

@@ -6,7 +6,7 @@
 //   grad = c / T * (q - p_hat) + hard-label term,  p_hat(x) = #{j : x_j = x} / k
 // Rows run in parallel (at::parallel_for); within a row every sum has a fixed order and the draws are
 // subtracted one after the other (duplicates add up in draw order), so the result is bitwise
-// deterministic with no atomics. Vectorized row loops as in topk_distill_loss.cpp / distill_loss.cpp.
+// deterministic with no atomics. Vectorized row loops: fd_cpu_rows.h.
 // A bad id sets a flag inside the parallel loop; the error is raised after it (as topk does).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,89 +18,11 @@
 #include <vector>
 
 #include "fd_checks.h"
+#include "fd_cpu_rows.h"
 #include "fd_divergence.h"
 
 namespace fastdistill {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FD_SAMPLED_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FD_SAMPLED_CLONES
-#endif
-
-constexpr int64_t kChunk = 64;  // fp32 SIMD partial sums per chunk, chunk sums added in double
-
-FD_SAMPLED_CLONES float row_max(const float* z, int64_t V) {
-  float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < V; ++j) m = fd::max_f32(m, z[j]);
-  return m;
-}
-
-// e_j = exp(z_j * a - shift); returns sum e (fp32 chunk sums added in double). NaN for NaN or +inf in z.
-FD_SAMPLED_CLONES double exp_sum(const float* z, int64_t V, float a, float shift, float* e) {
-  double total = 0.0;
-  for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
-    const int64_t j1 = std::min(V, j0 + kChunk);
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = j0; j < j1; ++j) {
-      e[j] = fd::exp_f32(z[j] * a - shift);
-      s += e[j];
-    }
-    total += s;
-  }
-  return total;
-}
-
-// g_j = e_j * ae + ez_j * az (ez may be null: that term is dropped).
-FD_SAMPLED_CLONES void fill_grad(float* g, int64_t V, const float* e, float ae, const float* ez, float az) {
-  if (ez != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) g[j] = e[j] * ae + ez[j] * az;
-  } else {
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) g[j] = e[j] * ae;
-  }
-}
-
-template <typename T>
-const float* widen(const T* src, int64_t V, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<float>(src[j]);
-    return buf.data();
-  }
-}
-
-// The draws of one row: log-probs in any kernel float type, ids int32 or int64.
-struct Draws {
-  const void* lp;
-  at::ScalarType lp_type;
-  int64_t lp_stride;
-  const void* ids;
-  bool ids64;
-  int64_t ids_stride;
-
-  template <typename T>
-  static void copy(const T* src, int64_t K, float* out) {
-    for (int64_t i = 0; i < K; ++i) out[i] = static_cast<float>(src[i]);
-  }
-  void logprobs(int64_t r, int64_t K, float* out) const {
-    const int64_t off = r * lp_stride;
-    if (lp_type == at::kFloat) copy(static_cast<const float*>(lp) + off, K, out);
-    else if (lp_type == at::kBFloat16) copy(static_cast<const c10::BFloat16*>(lp) + off, K, out);
-    else copy(static_cast<const c10::Half*>(lp) + off, K, out);
-  }
-  void indices(int64_t r, int64_t K, int64_t* out) const {
-    const int64_t off = r * ids_stride;
-    for (int64_t i = 0; i < K; ++i) {
-      out[i] = ids64 ? static_cast<const int64_t*>(ids)[off + i] : static_cast<const int32_t*>(ids)[off + i];
-    }
-  }
-};
 
 struct Config {
   fd::RowParams rp;
@@ -109,7 +31,7 @@ struct Config {
 };
 
 template <typename S>
-void sampled_rows(const at::Tensor& student, const Draws& draws, const int64_t* labels, const Config& cf,
+void sampled_rows(const at::Tensor& student, const TeacherRows& draws, const int64_t* labels, const Config& cf,
                   at::Tensor& loss, at::Tensor* grad, std::atomic<bool>& bad_ids) {
   const int64_t N = student.size(0), V = cf.V, K = cf.K, ss = student.stride(0);
   const S* sp = student.data_ptr<S>();
@@ -155,7 +77,7 @@ void sampled_rows(const at::Tensor& student, const Draws& draws, const int64_t* 
       const float mz = row_max(z, V);
       if (poisoned || mz == -INFINITY) { poison_row(r, grow); continue; }
       const float m = mz * it;
-      const double total = exp_sum(z, V, it, m, e.data());
+      const double total = exp_chunks(z, V, it, m, e.data(), nullptr);
       if (total != total) { poison_row(r, grow); continue; }
       const float log_sum = (float)std::log(total), inv_sum = (float)(1.0 / total);
       double d = 0.0;  // sum_j (lp_j - log q(x_j)), in draw order
@@ -163,7 +85,7 @@ void sampled_rows(const at::Tensor& student, const Draws& draws, const int64_t* 
       float row = rp.soft_coef * (float)(d / (double)K);
       float mz_ce = m, ls_ce = log_sum, inv_ce = inv_sum;  // the softmax of the hard-label term
       if (own_z) {
-        const double tz = exp_sum(z, V, 1.0f, mz, ez.data());
+        const double tz = exp_chunks(z, V, 1.0f, mz, ez.data(), nullptr);
         mz_ce = mz;
         ls_ce = (float)std::log(tz);
         inv_ce = (float)(1.0 / tz);
@@ -190,8 +112,8 @@ void sampled_rows(const at::Tensor& student, const Draws& draws, const int64_t* 
 }
 
 // Called after the parallel loop saw a bad id: finds the first one and raises naming it.
-[[noreturn]] void raise_bad_ids(const Draws& draws, const int64_t* labels, int64_t ignore_index, int64_t N, int64_t K,
-                                int64_t V) {
+[[noreturn]] void raise_bad_ids(const TeacherRows& draws, const int64_t* labels, int64_t ignore_index, int64_t N,
+                                int64_t K, int64_t V) {
   std::vector<int64_t> id(K);
   for (int64_t r = 0; r < N; ++r) {
     if (labels && labels[r] == ignore_index) continue;
@@ -215,33 +137,17 @@ std::tuple<at::Tensor, at::Tensor> sampled_distill_loss_cpu(
                     ", k), got ", logprobs.sizes());
   const int64_t K = logprobs.size(1);
   TORCH_CHECK_VALUE(K >= 1, "teacher_sampled_logprobs: k = ", K, " draws per row (need k >= 1)");
-  TORCH_CHECK_VALUE(indices.sizes() == logprobs.sizes(), "teacher_sampled_indices: shape ", indices.sizes(),
-                    " does not match teacher_sampled_logprobs ", logprobs.sizes());
-  TORCH_CHECK_TYPE(is_kernel_float(logprobs.scalar_type()), "teacher_sampled_logprobs: dtype ",
-                   logprobs.scalar_type(), " not supported (float32, bfloat16, float16)");
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
-                   "teacher_sampled_indices: expected int32 or int64, got ", indices.scalar_type());
-  TORCH_CHECK_VALUE(K == 1 || (logprobs.stride(1) == 1 && indices.stride(1) == 1),
-                    "teacher_sampled_logprobs/teacher_sampled_indices: the k dimension must be contiguous");
-  TORCH_CHECK_VALUE(logprobs.device() == student.device() && indices.device() == student.device(),
-                    "teacher_sampled_logprobs/teacher_sampled_indices: expected on ", student.device());
+  const TeacherRows draws = teacher_rows(logprobs, indices, student, "teacher_sampled");
   at::Tensor lab_c;
   const int64_t* lab = cpu_labels(labels, V, hard_weight, ignore_index, lab_c);
   auto [loss, grad] = new_loss_and_grad(student, N, V, compute_grad);
   const Config cf{fd::make_row_params(fd::KL, temperature, 0.0, (float)soft_weight, (float)hard_weight, scale_t2, V),
                   V, K, ignore_index, scale.to(at::kFloat).item<float>()};  // CPU tensor: no device sync
-  const Draws draws{logprobs.data_ptr(), logprobs.scalar_type(), logprobs.stride(0),
-                    indices.data_ptr(), indices.scalar_type() == at::kLong, indices.stride(0)};
   std::atomic<bool> bad_ids{false};
   at::Tensor* gptr = compute_grad ? &grad : nullptr;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "sampled_distill_loss_cpu", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK_TYPE(false, "sampled_distill_loss_cpu: float64 logits are not supported (use float32/bf16/fp16)");
-    } else {
-      sampled_rows<scalar_t>(student, draws, lab, cf, loss, gptr, bad_ids);
-    }
-  });
+  for_kernel_float(student.scalar_type(),
+                   [&](auto s) { sampled_rows<decltype(s)>(student, draws, lab, cf, loss, gptr, bad_ids); });
   if (bad_ids.load()) raise_bad_ids(draws, lab, ignore_index, N, K, V);
   return {loss, grad};
 }

@@ -4,7 +4,7 @@
 // against a per-thread byte mask of the vocabulary, which also tells the rest bucket's members
 // apart. The divergence runs over k (+1) categories with fd::row_terms / fd::grad_s_any_mass; only
 // the bucket tail and the hard-label term sweep the whole student row (vectorized loops as in
-// distill_loss.cpp). A bad id sets a flag inside the parallel loop; the error is raised after it.
+// fd_cpu_rows.h). A bad id sets a flag inside the parallel loop; the error is raised after it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,48 +15,16 @@
 #include <vector>
 
 #include "fd_checks.h"
+#include "fd_cpu_rows.h"
 #include "fd_divergence.h"
 
 namespace fastdistill {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FD_TOPK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FD_TOPK_CLONES
-#endif
-
-// fp32 SIMD partial sums over chunks, chunk sums added in double (as in distill_loss.cpp).
-constexpr int64_t kChunk = 64;
 // A rest sum below this (relative to the row max's term, 1) is recomputed around the rest's own
 // max: a student spike of +1e4 on a top-k id underflows every other exp to 0, yet the rest bucket
 // still has a finite log-probability and a gradient of order p_rest.
 constexpr double kTinyRest = 1e-20;
-
-FD_TOPK_CLONES float row_max(const float* z, int64_t V) {
-  float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < V; ++j) m = fd::max_f32(m, z[j]);
-  return m;
-}
-
-// e_j = exp(z_j * a - shift); cs[c] = the fp32 sum of chunk c; returns the total (chunk sums in double).
-// No mask in this loop: mixing byte and float lanes made GCC fall back to 128-bit vectors.
-FD_TOPK_CLONES double exp_chunks(const float* z, int64_t V, float a, float shift, float* e, float* cs) {
-  double total = 0.0;
-  for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
-    const int64_t j1 = std::min(V, j0 + kChunk);
-    float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t j = j0; j < j1; ++j) {
-      e[j] = fd::exp_f32(z[j] * a - shift);
-      s += e[j];
-    }
-    cs[j0 / kChunk] = s;
-    total += s;
-  }
-  return total;
-}
 
 // Sum of e over the entries no id takes: the chunk sums, with the (at most k) chunks holding an id
 // summed again without them. Never total - (top-k terms): that cancels when the rest is tiny.
@@ -78,58 +46,6 @@ double rest_sum(const float* e, const float* cs, const uint8_t* taken, const int
   }
   return rest;
 }
-
-// g_j = e_j * ae + ez_j * az (a null pointer drops its term); the top-k entries are overwritten after.
-FD_TOPK_CLONES void fill_grad(float* g, int64_t V, const float* e, float ae, const float* ez, float az) {
-  if (e != nullptr && ez != nullptr) {
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) g[j] = e[j] * ae + ez[j] * az;
-  } else if (e != nullptr || ez != nullptr) {
-    const float* x = e ? e : ez;
-    const float a = e ? ae : az;
-#pragma omp simd
-    for (int64_t j = 0; j < V; ++j) g[j] = x[j] * a;
-  } else {
-    std::fill(g, g + V, 0.0f);
-  }
-}
-
-template <typename T>
-const float* widen(const T* src, int64_t V, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return src;
-  } else {
-    for (int64_t j = 0; j < V; ++j) buf[j] = static_cast<float>(src[j]);
-    return buf.data();
-  }
-}
-
-// The teacher's rows: log-probs in any kernel float type, ids int32 or int64 (read per row, k values).
-struct TeacherRows {
-  const void* lp;
-  at::ScalarType lp_type;
-  int64_t lp_stride;
-  const void* ids;
-  bool ids64;
-  int64_t ids_stride;
-
-  template <typename T>
-  static void copy(const T* src, int64_t K, float* out) {
-    for (int64_t i = 0; i < K; ++i) out[i] = static_cast<float>(src[i]);
-  }
-  void logprobs(int64_t r, int64_t K, float* out) const {
-    const int64_t off = r * lp_stride;
-    if (lp_type == at::kFloat) copy(static_cast<const float*>(lp) + off, K, out);
-    else if (lp_type == at::kBFloat16) copy(static_cast<const c10::BFloat16*>(lp) + off, K, out);
-    else copy(static_cast<const c10::Half*>(lp) + off, K, out);
-  }
-  void indices(int64_t r, int64_t K, int64_t* out) const {
-    const int64_t off = r * ids_stride;
-    for (int64_t i = 0; i < K; ++i) {
-      out[i] = ids64 ? static_cast<const int64_t*>(ids)[off + i] : static_cast<const int32_t*>(ids)[off + i];
-    }
-  }
-};
 
 // Marks the ids in `taken`; false (and nothing left marked) on an out-of-range or repeated id.
 bool mark_ids(const int64_t* id, int64_t K, int64_t V, uint8_t* taken) {
@@ -359,16 +275,7 @@ std::tuple<at::Tensor, at::Tensor> topk_distill_loss_cpu(
                     ", k), got ", logprobs.sizes());
   const int64_t K = logprobs.size(1);
   TORCH_CHECK_VALUE(K >= 1 && K <= V, "teacher_topk_logprobs: k = ", K, " must be in [1, V = ", V, "]");
-  TORCH_CHECK_VALUE(indices.sizes() == logprobs.sizes(), "teacher_topk_indices: shape ", indices.sizes(),
-                    " does not match teacher_topk_logprobs ", logprobs.sizes());
-  TORCH_CHECK_TYPE(is_kernel_float(logprobs.scalar_type()), "teacher_topk_logprobs: dtype ",
-                   logprobs.scalar_type(), " not supported (float32, bfloat16, float16)");
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
-                   "teacher_topk_indices: expected int32 or int64, got ", indices.scalar_type());
-  TORCH_CHECK_VALUE(K == 1 || (logprobs.stride(1) == 1 && indices.stride(1) == 1),
-                    "teacher_topk_logprobs/teacher_topk_indices: the k dimension must be contiguous");
-  TORCH_CHECK_VALUE(logprobs.device() == student.device() && indices.device() == student.device(),
-                    "teacher_topk_logprobs/teacher_topk_indices: expected on ", student.device());
+  const TeacherRows teacher = teacher_rows(logprobs, indices, student, "teacher_topk");
   at::Tensor lab_c;
   const int64_t* lab = cpu_labels(labels, V, hard_weight, ignore_index, lab_c);
   auto [loss, grad] = new_loss_and_grad(student, N, V, compute_grad);
@@ -376,18 +283,11 @@ std::tuple<at::Tensor, at::Tensor> topk_distill_loss_cpu(
                                      scale_t2, V),
                   tail == 1, V, K, ignore_index,
                   scale.to(at::kFloat).item<float>()};  // CPU tensor: no device sync
-  const TeacherRows teacher{logprobs.data_ptr(), logprobs.scalar_type(), logprobs.stride(0),
-                            indices.data_ptr(), indices.scalar_type() == at::kLong, indices.stride(0)};
   std::atomic<bool> bad_ids{false};
   at::Tensor* gptr = compute_grad ? &grad : nullptr;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "topk_distill_loss_cpu", [&] {
-    if constexpr (std::is_same_v<scalar_t, double>) {
-      TORCH_CHECK_TYPE(false, "topk_distill_loss_cpu: float64 logits are not supported (use float32/bf16/fp16)");
-    } else {
-      topk_rows<scalar_t>(student, teacher, lab, cf, loss, gptr, bad_ids);
-    }
-  });
+  for_kernel_float(student.scalar_type(),
+                   [&](auto s) { topk_rows<decltype(s)>(student, teacher, lab, cf, loss, gptr, bad_ids); });
   if (bad_ids.load()) raise_bad_ids(teacher, lab, ignore_index, N, K, V);
   return {loss, grad};
 }
