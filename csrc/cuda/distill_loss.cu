@@ -7,71 +7,14 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "fd_cuda_block.cuh"
 #include "fd_cuda_launch.h"
-#include "fd_cuda_mma.h"
 #include "fd_divergence.h"
 
 namespace fastdistill {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-
-using mma::from_f;  // element conversions shared with the tensor-core kernels (fd_cuda_mma.h)
-using mma::to_f;
-
-// Running softmax denominator: sum of exp(x - m) over the elements seen.
-struct SoftmaxAcc {
-  float m;
-  double s;
-};
-
-__device__ __forceinline__ void acc_add(SoftmaxAcc& a, float x) {
-  if (x == -INFINITY) return;
-  if (x > a.m) {
-    a.s = a.s * (double)expf(a.m - x) + 1.0;
-    a.m = x;
-  } else {
-    a.s += (double)expf(x - a.m);
-  }
-}
-
-__device__ __forceinline__ void acc_merge(SoftmaxAcc& a, const SoftmaxAcc& b) {
-  float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return;
-  a.s = a.s * (double)expf(a.m - m) + b.s * (double)expf(b.m - m);
-  a.m = m;
-}
-
-// Butterfly within warps, then across warp results: every thread ends with the same bits
-// (the merge and + are commutative, so lane order does not matter).
-__device__ SoftmaxAcc block_merge(SoftmaxAcc a, SoftmaxAcc* smem) {
-  for (int o = 16; o > 0; o >>= 1) {
-    SoftmaxAcc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
-    acc_merge(a, b);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // smem may still be read by a previous reduction
-  if (lane == 0) smem[warp] = a;
-  __syncthreads();
-  a = lane < kWarps ? smem[lane] : SoftmaxAcc{-INFINITY, 0.0};
-  for (int o = 16; o > 0; o >>= 1) {
-    SoftmaxAcc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
-    acc_merge(a, b);
-  }
-  return a;
-}
-
-__device__ double block_sum(double v, double* smem) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  v = lane < kWarps ? smem[lane] : 0.0;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
+using namespace cuda_block;  // kThreads, SoftmaxAcc, the block reductions, poison_row / zero_row
 
 struct Offset {
   float max, log_sum;  // log p = (x * a - max) - log_sum
@@ -79,14 +22,6 @@ struct Offset {
 
 __device__ __forceinline__ Offset offset_of(const SoftmaxAcc& a) {
   return Offset{a.m, a.m == -INFINITY ? 0.0f : (float)log(a.s)};
-}
-
-// A row under the NaN rule: NaN loss and an all-NaN gradient row (g may be null: loss only).
-template <typename S>
-__device__ void poison_row(S* g, int64_t V, float* loss) {
-  if (g != nullptr)
-    for (int64_t k = threadIdx.x; k < V; k += kThreads) g[k] = from_f<S>(NAN);
-  if (threadIdx.x == 0) *loss = NAN;
 }
 
 template <typename S, typename T>
@@ -105,9 +40,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t label = labels != nullptr ? labels[row] : -1;
 
   if (labels != nullptr && label == ignore_index) {  // uniform per block
-    if (g != nullptr)
-      for (int64_t k = tid; k < V; k += kThreads) g[k] = from_f<S>(0.0f);
-    if (tid == 0) loss[row] = 0.0f;
+    zero_row(g, V, loss + row);
     return;
   }
   const float scale = *scale_ptr, it = rp.inv_t;

@@ -53,15 +53,10 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 int64_t ignore_index, bool ce) {
   __shared__ SoftmaxAcc sm_acc[kWarps];
   __shared__ double sm_sum[kWarps];
-  const int64_t row = blockIdx.x, K = t.K;
-  const S* z = student + row * ss;
-  S* g = grad != nullptr ? grad + row * V : nullptr;
-  const int tid = threadIdx.x;
-  const int64_t label = labels != nullptr ? labels[row] : -1;
-  if (labels != nullptr && label == ignore_index) {  // ids and log-probs of ignored rows are never read
-    zero_row(g, V, loss + row);
-    return;
-  }
+  const auto [row, z, g, label, tid] = block_row(student, ss, grad, V, labels);
+  // The ids and log-probs of ignored rows are never read.
+  if (labels != nullptr && label == ignore_index) return zero_row(g, V, loss + row);
+  const int64_t K = t.K;
   const float it = rp.inv_t;
   const bool own_z = ce && rp.ce_needs_own_softmax;
 
@@ -102,21 +97,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   D = block_sum(D, sm_sum) / (double)K;
 
   const float scale = *scale_ptr;
-  if (tid == 0) {
-    float row_loss = rp.soft_coef * (float)D;
-    if (ce) {  // an out-of-range label yields NaN (a kernel cannot raise)
-      const float zl = (label >= 0 && label < V) ? to_f(z[label]) : NAN;
-      row_loss += rp.hard_weight * ((az.m - zl) + zls);
-    }
-    loss[row] = row_loss * scale;
-  }
+  write_row_loss(loss + row, rp, D, ce, z, label, V, az.m, zls, scale);
   if (g == nullptr) return;
 
   const float gc = rp.grad_coef * scale, hc = rp.hard_weight * scale, inv_k = (float)(1.0 / (double)K);
   for (int64_t j = tid; j < V; j += kThreads) {
     const float zj = to_f(z[j]);
     float gj = gc * expf((__fmul_rn(zj, it) - as.m) - ls);
-    if (ce) gj += hc * expf((zj - az.m) - zls) - (j == label ? hc : 0.0f);
+    if (ce) gj += hard_grad(hc, zj, az.m, zls, j, label);
     g[j] = from_f<S>(gj);
   }
   __syncthreads();  // the drawn entries below land after the sweep's
@@ -125,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const float zi = to_f(z[id]);
     const float p_hat = (float)count_draws(t, row, id, sorted) * inv_k;
     float gi = gc * (expf((__fmul_rn(zi, it) - as.m) - ls) - p_hat);
-    if (ce) gi += hc * expf((zi - az.m) - zls) - (id == label ? hc : 0.0f);
+    if (ce) gi += hard_grad(hc, zi, az.m, zls, id, label);
     g[id] = from_f<S>(gi);
   }
 }

@@ -57,15 +57,10 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ uint32_t taken[];  // bucket: bit j set when j is one of the row's ids
   __shared__ SoftmaxAcc sm_acc[kWarps];
   __shared__ double sm_sum[kWarps];
-  const int64_t row = blockIdx.x, K = t.K;
-  const S* z = student + row * ss;
-  S* g = grad != nullptr ? grad + row * V : nullptr;
-  const int tid = threadIdx.x;
-  const int64_t label = labels != nullptr ? labels[row] : -1;
-  if (labels != nullptr && label == ignore_index) {  // ids of ignored rows are never read
-    zero_row(g, V, loss + row);
-    return;
-  }
+  const auto [row, z, g, label, tid] = block_row(student, ss, grad, V, labels);
+  // The ids of ignored rows are never read.
+  if (labels != nullptr && label == ignore_index) return zero_row(g, V, loss + row);
+  const int64_t K = t.K;
   const float it = rp.inv_t;
   const bool full = bucket || ce;  // reads the whole student row
   const bool own_z = ce && (!bucket || rp.ce_needs_own_softmax);
@@ -179,14 +174,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const float scale = *scale_ptr;
   const float zls = ce ? (float)log(az.s) : 0.0f;  // log-sum of softmax(z), around az.m
-  if (tid == 0) {
-    float row_loss = rp.soft_coef * (float)D;
-    if (ce) {  // an out-of-range label yields NaN (a kernel cannot raise)
-      const float zl = (label >= 0 && label < V) ? to_f(z[label]) : NAN;
-      row_loss += rp.hard_weight * ((az.m - zl) + zls);
-    }
-    loss[row] = row_loss * scale;
-  }
+  write_row_loss(loss + row, rp, D, ce, z, label, V, az.m, zls, scale);
   if (g == nullptr) return;
 
   // Gradient: every entry (its share of the rest bucket, or 0, plus the hard-label term), then, after a
@@ -202,7 +190,7 @@ __global__ void __launch_bounds__(kThreads)
     if (full) {
       const float zj = to_f(z[j]);
       if (ae != 0.0f && !is_taken(taken, j)) gj = ae * expf(__fmul_rn(zj, it) - ar.m);
-      if (ce) gj += hc * expf((zj - az.m) - zls) - (j == label ? hc : 0.0f);
+      if (ce) gj += hard_grad(hc, zj, az.m, zls, j, label);
     }
     g[j] = from_f<S>(gj);
   }
@@ -212,7 +200,7 @@ __global__ void __launch_bounds__(kThreads)
     const float zi = to_f(z[id]);
     const Cat c = id_category(bucket, st, __fmul_rn(zi, it), load_lp(t, row, i));
     float gi = gc * fd::grad_s_any_mass(rp, c.p, c.q, c.lp, c.lq, c.delta, Df, Cf, Pf);
-    if (ce) gi += hc * expf((zi - az.m) - zls) - (id == label ? hc : 0.0f);
+    if (ce) gi += hard_grad(hc, zi, az.m, zls, id, label);
     g[id] = from_f<S>(gi);
   }
 }

@@ -1,6 +1,7 @@
 // Launchers of the offline-target CUDA loss kernels (csrc/cuda/topk_distill_loss.cu and
 // sampled_distill_loss.cu): plain pointers and sizes, shared by bindings_topk.cpp (ATen side) and the
-// torch-free .cu files. For the .cu files only (__CUDACC__), the block reductions both kernels use.
+// torch-free .cu files. For the .cu files only (__CUDACC__), the device readers of those rows and the row
+// loss both kernels write (the block reductions: fd_cuda_block.cuh).
 #pragma once
 
 #include <stdint.h>
@@ -43,16 +44,12 @@ int sampled_distill_loss(const void* student, int64_t student_stride, DType stud
 }  // namespace fastdistill
 
 #if defined(__CUDACC__)
-#include "fd_cuda_mma.h"
+#include "fd_cuda_block.cuh"
 
 namespace fastdistill {
 namespace sparse_teacher {
 
-constexpr int kThreads = 512;  // one block per row
-constexpr int kWarps = kThreads / 32;
-
-using mma::from_f;
-using mma::to_f;
+using namespace cuda_block;  // kThreads, the block reductions, poison_row / zero_row
 
 __device__ __forceinline__ int64_t load_id(const cuda_launch::SparseTeacher& t, int64_t row, int64_t i) {
   const int64_t off = row * t.id_stride + i;
@@ -71,82 +68,23 @@ __device__ __forceinline__ float load_lp(const cuda_launch::SparseTeacher& t, in
   }
 }
 
-// Running softmax denominator: sum of exp(x - m) over the elements seen (as in distill_loss.cu).
-struct SoftmaxAcc {
-  float m;
-  double s;
-};
-
-__device__ __forceinline__ void acc_add(SoftmaxAcc& a, float x) {
-  if (x == -INFINITY) return;
-  if (x > a.m) {
-    a.s = a.s * (double)expf(a.m - x) + 1.0;
-    a.m = x;
-  } else {
-    a.s += (double)expf(x - a.m);
-  }
-}
-
-__device__ __forceinline__ void acc_merge(SoftmaxAcc& a, const SoftmaxAcc& b) {
-  const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return;
-  a.s = a.s * (double)expf(a.m - m) + b.s * (double)expf(b.m - m);
-  a.m = m;
-}
-
-// Fixed butterflies within and across warps: every thread ends with the same bits, run to run.
-__device__ __forceinline__ SoftmaxAcc block_merge(SoftmaxAcc a, SoftmaxAcc* smem) {
-  for (int o = 16; o > 0; o >>= 1) {
-    SoftmaxAcc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
-    acc_merge(a, b);
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // smem may still be read by a previous reduction
-  if (lane == 0) smem[warp] = a;
-  __syncthreads();
-  a = lane < kWarps ? smem[lane] : SoftmaxAcc{-INFINITY, 0.0};
-  for (int o = 16; o > 0; o >>= 1) {
-    SoftmaxAcc b{__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o)};
-    acc_merge(a, b);
-  }
-  return a;
-}
-
-__device__ __forceinline__ double block_sum(double v, double* smem) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  v = lane < kWarps ? smem[lane] : 0.0;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float block_max(float v, double* smem) {  // smem: kWarps doubles, reused
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  v = lane < kWarps ? (float)smem[lane] : -INFINITY;
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// A row under the NaN rule (fd_math.h): NaN loss and an all-NaN gradient row (g may be null).
+// Thread 0 writes the row's loss: soft_coef * D plus the hard-label CE (softmax(z) around zm with log-sum
+// zls), times scale. An out-of-range label yields NaN (a kernel cannot raise).
 template <typename S>
-__device__ __forceinline__ void poison_row(S* g, int64_t V, float* loss) {
-  if (g != nullptr)
-    for (int64_t k = threadIdx.x; k < V; k += kThreads) g[k] = from_f<S>(NAN);
-  if (threadIdx.x == 0) *loss = NAN;
+__device__ __forceinline__ void write_row_loss(float* loss, const fd::RowParams& rp, double D, bool ce, const S* z,
+                                               int64_t label, int64_t V, float zm, float zls, float scale) {
+  if (threadIdx.x != 0) return;
+  float row_loss = rp.soft_coef * (float)D;
+  if (ce) {
+    const float zl = (label >= 0 && label < V) ? to_f(z[label]) : NAN;
+    row_loss += rp.hard_weight * ((zm - zl) + zls);
+  }
+  *loss = row_loss * scale;
 }
 
-template <typename S>
-__device__ __forceinline__ void zero_row(S* g, int64_t V, float* loss) {  // an ignored row
-  if (g != nullptr)
-    for (int64_t k = threadIdx.x; k < V; k += kThreads) g[k] = from_f<S>(0.0f);
-  if (threadIdx.x == 0) *loss = 0.0f;
+// The hard-label term of entry j's gradient: hc * (softmax(z)_j - [j == label]).
+__device__ __forceinline__ float hard_grad(float hc, float zj, float zm, float zls, int64_t j, int64_t label) {
+  return hc * expf((zj - zm) - zls) - (j == label ? hc : 0.0f);
 }
 
 }  // namespace sparse_teacher
