@@ -54,8 +54,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ SoftmaxAcc sm_acc[kWarps];
   __shared__ double sm_sum[kWarps];
   const auto [row, z, g, label, tid] = block_row(student, ss, grad, V, labels);
-  // The ids and log-probs of ignored rows are never read.
-  if (labels != nullptr && label == ignore_index) return zero_row(g, V, loss + row);
+  if (labels != nullptr && label == ignore_index) return zero_row(g, V, loss + row);  // its draws are never read
   const int64_t K = t.K;
   const float it = rp.inv_t;
   const bool own_z = ce && rp.ce_needs_own_softmax;

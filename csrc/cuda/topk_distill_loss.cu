@@ -58,8 +58,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ SoftmaxAcc sm_acc[kWarps];
   __shared__ double sm_sum[kWarps];
   const auto [row, z, g, label, tid] = block_row(student, ss, grad, V, labels);
-  // The ids of ignored rows are never read.
-  if (labels != nullptr && label == ignore_index) return zero_row(g, V, loss + row);
+  if (labels != nullptr && label == ignore_index) return zero_row(g, V, loss + row);  // ignored row: ids unread
   const int64_t K = t.K;
   const float it = rp.inv_t;
   const bool full = bucket || ce;  // reads the whole student row
