@@ -17,9 +17,14 @@ from test_fused_linear_topk_distill_loss import cases, slow_triton
 
 
 def problem(seed, **kw):
-    """k = 24 draws over V = 37: every row has duplicates."""
+    """k = 24 draws over V = 37 by default. Every row gets a duplicated draw: where the sampler gave none
+    (possible for any V, k), the second draw repeats the first, which keeps ids sorted and the row a valid
+    sample with a repeat, so the duplicate path is always exercised."""
     kw = {"v": 37, "k": 24, **kw}
     p, lp, ids = make_problem(seed, kind="sampled", **kw)
+    ids, lp = ids.clone(), lp.clone()
+    lone = ~(ids[:, 1:] == ids[:, :-1]).any(-1)
+    ids[lone, 1], lp[lone, 1] = ids[lone, 0], lp[lone, 0]
     assert (ids[:, 1:] == ids[:, :-1]).any(-1).all()
     return p, lp, ids
 
