@@ -121,4 +121,20 @@ TORCH_LIBRARY(fastdistill, m) {
   // (same bits as torch._int_mm + int8_linear_epilogue_cpu); its own int16-madd GEMM where oneDNN has no VNNI/AMX.
   m.def("int8_linear_cpu(Tensor x_int8, Tensor x_scale, Tensor w_int8, Tensor w_scale, Tensor? bias, "
         "ScalarType out_dtype) -> Tensor");
+  // ---- packed CPU weights (issue 14; header and checks in csrc/include/fd_int8_pack.h). Forward-only inference
+  // kernels (Int8Linear owns autograd); the packed uint8 tensor is built once per weight, never saved. ----
+  // int8_pack_w8a8_cpu: w_int8 [N, K] -> w_packed in int8_linear_dynamic_cpu's tile layout.
+  // int8_linear_dynamic_cpu: x [M, K] float32/bf16/fp16, optional smooth_inv [K] float32 (rounded to x.dtype first,
+  //   as smooth_inv.to(x.dtype) does) -> out [M, N] out_dtype:
+  //   SAME BITS as quantize_per_token_cpu(xs) then int8_linear_cpu(q, scale, w_int8, w_scale, bias, out_dtype) with
+  //   xs = x without smooth_inv, else (x * smooth_inv.to(x.dtype)) rounded to x.dtype (torch's elementwise product).
+  // int8_pack_w8a16_cpu: w_int8 [N, K], group_size (0 = per channel, else dividing K) -> w_packed.
+  // int8_weight_only_linear_packed_cpu: x [M, K], w_packed, w_scale ([N] or [N, K / group_size]), bias, smooth_inv
+  //   as above -> int8_weight_only_linear's result (fp32 accumulation, tolerance-table parity, deterministic).
+  m.def("int8_pack_w8a8_cpu(Tensor w_int8) -> Tensor");
+  m.def("int8_linear_dynamic_cpu(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, Tensor? smooth_inv, "
+        "ScalarType out_dtype) -> Tensor");
+  m.def("int8_pack_w8a16_cpu(Tensor w_int8, int group_size) -> Tensor");
+  m.def("int8_weight_only_linear_packed_cpu(Tensor x, Tensor w_packed, Tensor w_scale, Tensor? bias, "
+        "Tensor? smooth_inv) -> Tensor");
 }
