@@ -16,6 +16,7 @@ import triton.language as tl
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + M - M rounds |v| < 2^22 to nearest even
 TINY = tl.constexpr(2.0**-64)  # rows with max|x| below it are scaled by PRE first (127 / a would overflow)
 PRE = tl.constexpr(2.0**64)
+GROUP_M = tl.constexpr(8)  # W8A8 row tiles per L2 group
 ABS_BITS = tl.constexpr(0x7FFFFFFF)
 INF_BITS = tl.constexpr(0x7F800000)
 NAN_BITS = tl.constexpr(0x7FC00000)  # the one NaN every backend writes as the scale of a NaN row
@@ -68,8 +69,14 @@ def quantize_per_token_launch(x, q, scale, *, interpret: bool, gpu_config: bool 
 @triton.jit
 def _int8_linear_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # 1-D grid in groups of GROUP_M row tiles: consecutive programs share weight column tiles in the L2
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -90,16 +97,65 @@ def _int8_linear_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, H
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], t.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _gemm_blocks(M: int, gpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps); small M gets a 16-row tile (the GEMV regime). Without gpu:
-    small tiles that keep the interpreter fast."""
-    if not gpu:
-        return 16, 32, 32, 4
-    if M <= 16:
-        return 16, 64, 128, 4
-    if M <= 64:
-        return 64, 128, 128, 4
-    return 128, 128, 64, 8
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket. Not yet measured on a GPU: chosen by the tile
+# bytes each stage keeps in shared memory. "big": GPUs with >= 160 KB of shared memory per block (sm_80, sm_90,
+# sm_100); the others (sm_86/89/120: 99 KB) get the small tiles. W8A8: int8 operands, 128-wide K steps (one
+# 128-byte line per row); Hopper's int8 wgmma takes 64-row warpgroup tiles, so M > 256 gets 128 x 256 tiles
+# (48 KB per stage, 3 stages) and the tuner below picks among the candidates by timing them once.
+W8A8_CONFIGS_BIG = ((16, [(16, 64, 256, 4, 4), (16, 128, 128, 4, 4)]),
+                    (64, [(64, 128, 128, 4, 4), (64, 64, 256, 4, 4)]),
+                    (256, [(128, 128, 128, 8, 4), (64, 256, 128, 8, 4), (128, 64, 128, 4, 4)]),
+                    (None, [(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3),
+                            (128, 256, 64, 8, 4)]))
+W8A8_CONFIGS_SMALL = ((16, [(16, 64, 128, 4, 3)]), (64, [(64, 128, 128, 4, 3)]), (None, [(128, 128, 64, 8, 3)]))
+# W8A16: small M is weight-bandwidth bound: narrow N tiles give >= 2 programs per SM at N = 8192 (256 of 32
+# rows); large M is compute bound: 128 x 128 tiles, 8 warps.
+W8A16_CONFIGS = ((16, (16, 32, 128, 4, 4)), (64, (64, 64, 64, 4, 4)), (256, (64, 128, 64, 4, 4)),
+                 (None, (128, 128, 64, 8, 3)))
+INTERPRETER_CONFIG = (16, 32, 32, 4, 1)  # small tiles keep the interpreter fast
+BIG_SMEM = ((8, 0), (9, 0), (10, 0), (10, 3))
+
+
+def _bucket(table, M: int):
+    return next(c for limit, c in table if limit is None or M <= limit)
+
+
+def w8a8_configs(M: int, capability: tuple[int, int]) -> list[tuple[int, int, int, int, int]]:
+    """The candidate GPU configurations for M rows; the first one is the default (no tuning)."""
+    return list(_bucket(W8A8_CONFIGS_BIG if tuple(capability) in BIG_SMEM else W8A8_CONFIGS_SMALL, M))
+
+
+def w8a16_config(M: int, capability: tuple[int, int]) -> tuple[int, int, int, int, int]:
+    bm, bn, bk, warps, stages = _bucket(W8A16_CONFIGS, M)
+    return (bm, bn, bk, warps, stages if tuple(capability) in BIG_SMEM else min(stages, 3))
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    """The device's compute capability; CPU tensors (interpreted GPU configurations in tests): sm_90's."""
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (9, 0)
+
+
+_TUNED: dict = {}
+
+
+def _tuned(key, candidates, run):
+    """The fastest of `candidates` for `key` (timed once per process; W8A8 results are exact integers plus an
+    elementwise epilogue, so every candidate gives the same bits). The first candidate while a CUDA graph is
+    being captured (timing would synchronize) and where there is only one."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if len(candidates) == 1 or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    from triton.testing import do_bench
+
+    times = []
+    for c in candidates:
+        try:
+            times.append(do_bench(lambda c=c: run(c), warmup=5, rep=20, return_mode="median"))
+        except Exception:  # a tile that does not fit this GPU (out of resources) is skipped
+            times.append(float("inf"))
+    _TUNED[key] = candidates[min(range(len(times)), key=times.__getitem__)]
+    return _TUNED[key]
 
 
 def _interpreter_out(out, interpret: bool, gpu: bool):
@@ -111,20 +167,34 @@ def _interpreter_out(out, interpret: bool, gpu: bool):
     return out
 
 
-def int8_linear_launch(x, w, x_scale, w_scale, bias, out, *, interpret: bool, gpu_config: bool | None = None) -> None:
-    """gpu_config (default: not interpret): the GPU's tiles and in-kernel output cast (tests run it interpreted)."""
+def int8_linear_launch(x, w, x_scale, w_scale, bias, out, *, interpret: bool, gpu_config: bool | None = None,
+                       config: tuple | None = None) -> None:
+    """gpu_config (default: not interpret): the GPU's tiles and in-kernel output cast (tests run it interpreted);
+    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of the tuned choice (benchmarks)."""
     M, K = x.shape
     N = w.shape[0]
     if M == 0 or N == 0:
         return
     gpu = not interpret if gpu_config is None else gpu_config
     final, out = out, _interpreter_out(out, interpret, gpu)
-    bm, bn, bk, warps = _gemm_blocks(M, gpu)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    # the interpreter ignores num_stages and enable_fp_fusion
-    _int8_linear_kernel[grid](x, w, x_scale, w_scale, bias if bias is not None else x_scale, out, M, N, K,
-                              HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                              num_stages=3, enable_fp_fusion=False)
+
+    def run(c):
+        bm, bn, bk, warps, stages = c
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        # the interpreter ignores num_stages and enable_fp_fusion
+        _int8_linear_kernel[grid](x, w, x_scale, w_scale, bias if bias is not None else x_scale, out, M, N, K,
+                                  HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+                                  num_stages=stages, enable_fp_fusion=False)
+
+    if config is None and not gpu:
+        config = INTERPRETER_CONFIG
+    if config is None:
+        candidates = w8a8_configs(M, _capability(x))
+        # tuned where the GEMM is large enough for the tile to matter (>= 2^30 multiply-adds); M by power of 2
+        big = not interpret and M * N * K >= 2**30
+        key = (x.device, 1 << (M - 1).bit_length(), N, K, out.dtype, bias is not None)
+        config = _tuned(key, candidates, run) if big else candidates[0]
+    run(config)
     if out is not final:
         final.copy_(out)
 
@@ -171,14 +241,39 @@ def int8_weight_only_linear_launch(x, w, w_scale, bias, out, group_size: int, *,
         return
     gpu = not interpret if gpu_config is None else gpu_config
     final, out = out, _interpreter_out(out, interpret, gpu)
-    bm, bn, bk, warps = _gemm_blocks(M, gpu)
-    if gpu:
-        bk = min(bk, 64)
+    bm, bn, bk, warps, stages = w8a16_config(M, _capability(x)) if gpu else INTERPRETER_CONFIG
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     group = group_size if group_size else max(K, 1)
     _weight_only_kernel[grid](x, w, w_scale, bias if bias is not None else w_scale, out, M, N, K, group,
                               max(K // group, 1), PER_CHANNEL=group_size == 0, HAS_BIAS=bias is not None,
                               IEEE=x.dtype.itemsize == 4 or not gpu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                              num_warps=warps, num_stages=3)
+                              num_warps=warps, num_stages=stages)
     if out is not final:
         final.copy_(out)
+
+
+@triton.jit
+def _dequantize_weight_kernel(w_ptr, s_ptr, out_ptr, K, GROUP, N_GROUPS, PER_CHANNEL: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    q = tl.load(w_ptr + n * K + offs, mask=mask, other=0).to(tl.float32)
+    if PER_CHANNEL:
+        s = tl.load(s_ptr + n)
+    else:
+        s = tl.load(s_ptr + n * N_GROUPS + offs // GROUP, mask=mask, other=0.0)
+    tl.store(out_ptr + n * K + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_weight_launch(w, w_scale, out, group_size: int) -> None:
+    """out [N, K] (any float dtype) = q * scale in float32, rounded once to out's dtype: one pass (reads 1 byte,
+    writes out's bytes per element). One program per (row, 4096-wide chunk); 16-byte int8 loads."""
+    N, K = w.shape
+    if N == 0 or K == 0:
+        return
+    block = min(4096, max(16, triton.next_power_of_2(K)))
+    group = group_size if group_size else K
+    _dequantize_weight_kernel[(N, triton.cdiv(K, block))](w, w_scale, out, K, group, K // group,
+                                                          PER_CHANNEL=group_size == 0, BLOCK_K=block,
+                                                          num_warps=4 if block <= 1024 else 8)

@@ -5,10 +5,12 @@ gives the same bits (formula in csrc/ops.cpp). Custom ops (same schema):
     fastdistill::int8_linear_cpu      C++: torch._int_mm + epilogue where oneDNN has VNNI/AMX, else its own GEMM
     fastdistill::int8_linear_cuda     torch._int_mm (cuBLASLt, padded to its shape rules) + the CUDA epilogue
     fastdistill::int8_linear_triton   one triton kernel: int8 tl.dot + epilogue
+backend="auto" on CUDA follows W8A8_CUDA_ROUTES (below); elsewhere the dispatch table's order.
 Not differentiable (int8 inputs); Int8Linear's straight-through estimator handles training.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -21,6 +23,35 @@ from fastdistill.reference.int8_linear import int8_linear_ref
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_K = (2**31 - 1) // (128 * 128)  # any int8 dot product of this length fits int32
+
+
+# backend="auto" for W8A8 on CUDA: rows (largest M, route) per compute capability, the first that fits M.
+# Source: benchmarks/results/int8_cuda_kernels_cuda.csv (H200, sm_90, 2026-11-28), 8192^3: quantize + _int_mm +
+# our epilogue 1.365 ms = 1.19x bf16 F.linear (1.619 ms); _int_mm alone 1.267 ms, the epilogue pass 0.113 ms
+# (~8% of the whole, under the 10% that would call for fusing it). The Triton kernel (epilogue fused) has never
+# run on a GPU: cuda for every M until bench_int8_cuda_kernels.py, which times both per M, says otherwise.
+# Other capabilities are not measured: they use the sm_90 rows.
+W8A8_CUDA_ROUTES = {(9, 0): ((None, "cuda"),)}
+MEASURED_CAPABILITY = (9, 0)
+
+
+def route_by_m(table: dict, M: int, capability: tuple[int, int]) -> str:
+    """The route of the first (largest M, route) row of table[capability] (or the measured one's) that fits M."""
+    rows = table.get(tuple(capability), table[MEASURED_CAPABILITY])
+    return next(route for limit, route in rows if limit is None or M <= limit)
+
+
+def w8a8_cuda_route(M: int, N: int, K: int, capability: tuple[int, int]) -> str:
+    """The auto route on CUDA for x_int8 [M, K] and w_int8 [N, K]: a pure function of shape and capability."""
+    return route_by_m(W8A8_CUDA_ROUTES, M, capability)
+
+
+@torch.compiler.assume_constant_result
+def _auto_cuda(M: int, N: int, K: int, device: torch.device, out_dtype: torch.dtype, fallback: str) -> str:
+    """W8A8_CUDA_ROUTES' choice where it can run here, else `fallback` (the dispatch table's)."""
+    route = w8a8_cuda_route(M, N, K, torch.cuda.get_device_capability(device))
+    ok = dispatch.reason("int8_linear", route, "cuda", (out_dtype,), device.index) is None
+    return route if ok else fallback
 
 
 def _out(x_int8, w_int8, out_dtype):
@@ -129,6 +160,8 @@ def int8_linear(x_int8: torch.Tensor, x_scale: torch.Tensor, w_int8: torch.Tenso
     lead = x_int8.shape[:-1]
     args = (contiguous_rows(x_int8), x_scale.reshape(-1).contiguous(), w_int8.contiguous(),
             w_scale.contiguous(), None if bias is None else bias.detach().contiguous(), out_dtype)
+    if backend == "auto" and x_int8.is_cuda and not os.environ.get("FASTDISTILL_BACKEND"):
+        name = _auto_cuda(args[0].shape[0], N, K, x_int8.device, out_dtype, name)
     if name == "triton":
         out = int8_linear_triton(*args)
     elif name == "cuda":

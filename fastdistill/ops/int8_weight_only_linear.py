@@ -3,20 +3,46 @@
 out = x @ (q * scale)^T (+ bias) with fp32 accumulation, in x's dtype. Custom ops (same schema):
     fastdistill::int8_weight_only_linear_cpu / _cuda   kernels in csrc/
     fastdistill::int8_weight_only_linear_triton        kernel in fastdistill/kernels/int8_linear.py
+    fastdistill::int8_weight_only_linear_dense         dequantize to x's dtype in one pass, then torch's GEMM
+                                                       (cuBLAS): the large-M route (any device)
+backend="auto" on CUDA picks by M from W8A16_CUDA_ROUTES (below); elsewhere the dispatch
+table's order.
 Differentiable in x (dx = dy @ dequantized weight, an fp32 matmul of the materialized weight: backward is
 not the inference hot path) and in bias; the int8 weight and scales get no gradient.
 """
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from fastdistill import dispatch
-from fastdistill.ops.int8_linear import check_bias, check_int8
+from fastdistill.ops.int8_linear import check_bias, check_int8, route_by_m
 from fastdistill.ops.common import (check_finite, check_float, contiguous_rows, interpreting, launch_guard, native,
                                     new_output, register_native)
 from fastdistill.reference.int8_linear import dequantize_weight_ref, int8_weight_only_linear_ref
+
+
+# backend="auto" for W8A16 on CUDA: rows (largest M, route) per compute capability, the first that fits M.
+# Source: benchmarks/results/int8_cuda_kernels_cuda.csv (H200, sm_90, 2026-11-28; N = K = 8192, bf16; speed
+# relative to bf16 F.linear, higher is faster):
+#   cuda (our tensor-core GEMV kernel): M 1: 1.34x, M 8: 1.32x, M 16: 1.29x, M 64: 0.55x, M 4096: 0.23x.
+#   dense (dequantize + cuBLAS): not measured yet; predicted from the same CSV as the one dequantization pass
+#     (64 MB read + 128 MB written: ~0.05 ms at ~4 TB/s) plus bf16 F.linear: 0.096 ms at M 64 (0.48x: below
+#     cuda's 0.55x, so cuda keeps M <= 64) and 0.84 ms at M 4096 (0.94x, against cuda's 0.23x).
+#   triton (tiled, int8 tile dequantized in registers): never run on a GPU; bench_int8_cuda_kernels.py times
+#     all three side by side per M, and this table follows its CSV.
+# Other capabilities are not measured: they use the sm_90 rows.
+W8A16_CUDA_ROUTES = {(9, 0): ((64, "cuda"), (None, "dense"))}
+
+
+def w8a16_cuda_route(M: int, N: int, K: int, capability: tuple[int, int]) -> str:
+    """The auto route on CUDA for x [M, K] and w [N, K]: a pure function of the shape and the compute
+    capability (N and K do not move the crossover in the measurements so far)."""
+    return route_by_m(W8A16_CUDA_ROUTES, M, capability)
 
 
 @torch.library.custom_op("fastdistill::int8_weight_only_linear_triton", mutates_args=())
@@ -28,6 +54,40 @@ def int8_weight_only_linear_triton(x: torch.Tensor, w_int8: torch.Tensor, w_scal
     with launch_guard(x):
         int8_weight_only_linear_launch(x, w_int8, w_scale, bias, out, group_size, interpret=interpreting())
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_on(device: torch.device) -> bool:
+    return dispatch.reason("int8_weight_only_linear", "triton", "cuda", (), device.index) is None
+
+
+def dequantize_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, K] in `dtype`: float32 q * scale rounded once to dtype (dequantize_weight_ref's values, rounded), in one
+    pass: the Triton kernel on CUDA, torch.mul with a `dtype` output elsewhere (or without Triton)."""
+    N, K = w_int8.shape
+    out = torch.empty((N, K), dtype=dtype, device=w_int8.device)
+    if K == 0:
+        return out
+    if w_int8.is_cuda and _triton_on(w_int8.device):
+        from fastdistill.kernels.int8_linear import dequantize_weight_launch
+
+        with launch_guard(w_int8):
+            dequantize_weight_launch(w_int8, w_scale, out, group_size)
+    elif group_size:
+        G = K // group_size
+        torch.mul(w_int8.view(N, G, group_size), w_scale.unsqueeze(-1), out=out.view(N, G, group_size))
+    else:
+        torch.mul(w_int8, w_scale.unsqueeze(-1), out=out)
+    return out
+
+
+@torch.library.custom_op("fastdistill::int8_weight_only_linear_dense", mutates_args=())
+def int8_weight_only_linear_dense(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
+                                  bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
+    """The weight dequantized to x's dtype (exact for per-channel int8 values times one rounding of the scale
+    product), then torch's GEMM with fp32 accumulation; the bias is added by the GEMM in x's dtype."""
+    w = dequantize_weight(w_int8, w_scale, group_size, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
 def _fake(x, w_int8, w_scale, bias, group_size):
@@ -51,9 +111,9 @@ def _backward(ctx, grad):
     return dx, None, None, db, None
 
 
-torch.library.register_fake("fastdistill::int8_weight_only_linear_triton")(_fake)
-torch.library.register_autograd("fastdistill::int8_weight_only_linear_triton", _backward,
-                                setup_context=_setup_context)
+for _name in ("fastdistill::int8_weight_only_linear_triton", "fastdistill::int8_weight_only_linear_dense"):
+    torch.library.register_fake(_name)(_fake)
+    torch.library.register_autograd(_name, _backward, setup_context=_setup_context)
 register_native(("int8_weight_only_linear_cpu", "int8_weight_only_linear_cuda"), _fake, (_backward, _setup_context))
 
 
@@ -99,8 +159,22 @@ def int8_weight_only_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torc
         return int8_weight_only_linear_ref(x, w_int8, w_scale, bias, group_size)
     args = (contiguous_rows(x), w_int8.contiguous(), w_scale.contiguous(), None if bias is None else bias.contiguous(),
             group_size)
+    if backend == "auto" and x.is_cuda and not os.environ.get("FASTDISTILL_BACKEND"):
+        name = _auto_cuda(args[0].shape[0], N, K, x.device, x.dtype, name)
     if name == "triton":
         out = int8_weight_only_linear_triton(*args)
+    elif name == "dense":
+        out = int8_weight_only_linear_dense(*args)
     else:
         out = native(f"int8_weight_only_linear_{name}")(*args)
     return out.view(*x.shape[:-1], N)
+
+
+@torch.compiler.assume_constant_result
+def _auto_cuda(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, fallback: str) -> str:
+    """W8A16_CUDA_ROUTES' choice where it can run here, else `fallback` (the dispatch table's)."""
+    route = w8a16_cuda_route(M, N, K, torch.cuda.get_device_capability(device))
+    if route == "dense":
+        return route  # torch ops (+ the Triton dequantization where Triton runs): always available
+    ok = dispatch.reason("int8_weight_only_linear", route, "cuda", (dtype,), device.index) is None
+    return route if ok else fallback
