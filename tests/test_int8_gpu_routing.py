@@ -1,0 +1,199 @@
+"""The int8 GPU routes (issue 14): the auto routing tables (pure functions of shape and capability), the dense
+W8A16 route (dequantize to x's dtype + torch's GEMM) against the reference on CPU, the Triton dequantization
+and the L2-grouped W8A8 grid in the interpreter, the GPU tile configurations' shared-memory budget; and, marked
+gpu, the routes on a CUDA device (benchmarks/gpu_check.sh)."""
+import os
+
+import pytest
+import torch
+
+from fastdistill.kernels import int8_linear as k
+from fastdistill.ops.int8_linear import W8A8_CUDA_ROUTES, int8_linear, w8a8_cuda_route
+from fastdistill.ops.int8_weight_only_linear import (W8A16_CUDA_ROUTES, dequantize_weight, int8_weight_only_linear,
+                                                     int8_weight_only_linear_dense, w8a16_cuda_route)
+from fastdistill.reference.int8_linear import (dequantize_weight_ref, int8_linear_ref, int8_weight_only_linear_f64,
+                                               int8_weight_only_linear_ref, quantize_per_token_ref,
+                                               quantize_weight_ref)
+from fastdistill.testing import assert_close_to_oracle
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CAPS = [(8, 0), (8, 6), (9, 0), (10, 0), (12, 0)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- routing tables --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cap", CAPS)
+def test_w8a16_route_by_m(cap):
+    """H200 CSV: the cuda kernel is 1.29-1.34x bf16 up to M 16 and 0.55x at M 64 (dense predicted 0.48x), 0.23x
+    at M 4096 (dense predicted 0.94x): cuda up to 64 rows, dense above, for any N, K; unmeasured GPUs share it."""
+    for N, K in ((8192, 8192), (4096, 11008), (7, 40)):
+        assert [w8a16_cuda_route(M, N, K, cap) for M in (0, 1, 16, 64)] == ["cuda"] * 4
+        assert [w8a16_cuda_route(M, N, K, cap) for M in (65, 256, 1024, 4096, 10**6)] == ["dense"] * 5
+
+
+@pytest.mark.parametrize("cap", CAPS)
+def test_w8a8_route_is_cuda_until_triton_is_measured(cap):
+    assert {w8a8_cuda_route(M, 8192, 8192, cap) for M in (1, 16, 17, 256, 8192)} == {"cuda"}
+
+
+def test_route_tables_are_well_formed():
+    for table, names in ((W8A16_CUDA_ROUTES, {"cuda", "dense", "triton"}), (W8A8_CUDA_ROUTES, {"cuda", "triton"})):
+        for rows in table.values():
+            limits = [limit for limit, _ in rows]
+            assert limits[-1] is None and limits[:-1] == sorted(limits[:-1]), rows  # increasing, catch-all last
+            assert {route for _, route in rows} <= names, rows
+
+
+# ---- GPU tile configurations -----------------------------------------------------------------------------
+
+SMEM = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024, (12, 0): 99 * 1024}
+
+
+@pytest.mark.parametrize("cap", CAPS)
+def test_gpu_configs_fit_shared_memory(cap):
+    """Each pipeline stage holds an A and a B tile (W8A8: int8 both; W8A16: 16-bit x, int8 w plus its 16-bit
+    conversion); every candidate must fit the GPU's per-block shared memory, or the launch fails there."""
+    for M in (1, 16, 17, 64, 65, 256, 257, 8192):
+        for bm, bn, bk, warps, stages in k.w8a8_configs(M, cap):
+            assert stages * (bm * bk + bk * bn) <= SMEM[cap], (M, cap, bm, bn, bk, stages)
+            assert warps in (4, 8) and bm >= 16 and bn >= 16 and bk >= 32
+        bm, bn, bk, warps, stages = k.w8a16_config(M, cap)
+        assert stages * (2 * bm * bk + bk * bn) + 2 * bk * bn <= SMEM[cap], (M, cap)
+
+
+def test_w8a8_tile_grows_with_m():
+    firsts = [k.w8a8_configs(M, (9, 0))[0] for M in (1, 64, 256, 8192)]
+    assert [c[0] for c in firsts] == [16, 64, 128, 128] and firsts[-1][:3] == (128, 256, 128)
+
+
+# ---- dense W8A16 route (CPU) -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [0, 16])
+def test_dequantize_weight_one_rounding(dtype, group_size, seed):
+    q, s = quantize_weight_ref(torch.randn(37, 48, generator=_gen(seed)) * 3, group_size)
+    out = dequantize_weight(q, s, group_size, dtype)
+    assert out.dtype == dtype and torch.equal(out, dequantize_weight_ref(q, s, group_size).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [0, 20])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16])
+def test_dense_route_matches_oracle(dtype, group_size, bias_dtype, seed):
+    g = _gen(seed)
+    M, K, N = 9, 200, 67
+    q, s = quantize_weight_ref(torch.randn(N, K, generator=g), group_size)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    bias = None if bias_dtype is None else torch.randn(N, generator=g).to(bias_dtype)
+    out = int8_weight_only_linear_dense(x, q, s, bias, group_size)
+    assert out.dtype == dtype and out.shape == (M, N)
+    oracle = int8_weight_only_linear_f64(x, q, s, bias, group_size)
+    ref = int8_weight_only_linear_ref(x, q, s, bias, group_size)
+    # the weight and (a float32) bias are rounded to x's dtype before the GEMM: one more rounding than the reference
+    assert_close_to_oracle(out, oracle, ref, roundings=1 if dtype == torch.float32 else 2, msg=f"{dtype}")
+
+
+def test_dense_route_empty_and_nan():
+    q, s = quantize_weight_ref(torch.randn(5, 8), 0)
+    assert int8_weight_only_linear_dense(torch.randn(0, 8), q, s, None, 0).shape == (0, 5)
+    q0, s0 = torch.zeros(5, 0, dtype=torch.int8), torch.ones(5, 2)  # K = 0 with per-group scales
+    b = torch.randn(5)
+    assert torch.equal(int8_weight_only_linear_dense(torch.randn(3, 0), q0, s0, b, 0), b.expand(3, 5))
+    x = torch.randn(2, 8)
+    x[1, 3] = float("nan")
+    out = int8_weight_only_linear_dense(x, q, s, None, 0)
+    assert out[1].isnan().all() and not out[0].isnan().any()
+
+
+def test_dense_route_autograd_compile_and_opcheck(seed):
+    g = _gen(seed)
+    q, s = quantize_weight_ref(torch.randn(6, 16, generator=g), 8)
+    x = torch.randn(4, 16, generator=g, requires_grad=True)
+    bias = torch.randn(6, generator=g, requires_grad=True)
+    dy = torch.randn(4, 6, generator=g)
+    int8_weight_only_linear_dense(x, q, s, bias, 8).backward(dy)
+    x2, b2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    int8_weight_only_linear_ref(x2, q, s, b2, 8).backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(bias.grad, b2.grad)
+    torch.library.opcheck(torch.ops.fastdistill.int8_weight_only_linear_dense.default, (x.detach(), q, s, bias, 8))
+    compiled = torch.compile(int8_weight_only_linear_dense, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x.detach(), q, s, None, 8), int8_weight_only_linear_dense(x.detach(), q, s, None, 8))
+
+
+# ---- Triton kernels in the interpreter ---------------------------------------------------------------------
+
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="GPU machines run these for real (gpu cases below)")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # (the interpreter truncates bf16 casts)
+@pytest.mark.parametrize("group_size", [0, 12])
+def test_triton_dequantize_kernel(dtype, group_size, seed):
+    q, s = quantize_weight_ref(torch.randn(5, 36, generator=_gen(seed)), group_size)
+    out = torch.full((5, 36), float("nan"), dtype=dtype)
+    k.dequantize_weight_launch(q, s, out, group_size)
+    assert torch.equal(out, dequantize_weight_ref(q, s, group_size).to(dtype))
+
+
+@needs_interpreter
+def test_w8a8_grouped_grid_covers_every_tile(seed):
+    """16-row interpreter tiles: 10 row tiles (a full group of 8 + a partial one of 2) x 3 column tiles; a wrong
+    tile mapping leaves poisoned (NaN) tiles or writes one twice."""
+    g = _gen(seed)
+    M, N, K = 16 * 9 + 3, 70, 40
+    x = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    xs, ws = torch.rand(M, generator=g), torch.rand(N, generator=g)
+    out = torch.full((M, N), float("nan"))
+    k.int8_linear_launch(x, w, xs, ws, None, out, interpret=True)
+    assert torch.equal(out, int8_linear_ref(x, xs, w, ws))
+
+
+# ---- on a GPU (benchmarks/gpu_check.sh) -----------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 64, 65, 300])  # both sides of the W8A16 crossover
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_w8a16_auto_and_every_route(M, dtype, seed):
+    g = _gen(seed)
+    K, N = 512, 776
+    q, s = quantize_weight_ref(torch.randn(N, K, generator=g), 0)
+    x, bias = torch.randn(3, M, K, generator=g).to(dtype), torch.randn(N, generator=g)
+    oracle = int8_weight_only_linear_f64(x, q, s, bias)
+    ref = int8_weight_only_linear_ref(x, q, s, bias)
+    args = (x.cuda(), q.cuda(), s.cuda(), bias.cuda())
+    for backend in ("auto", "cuda", "triton"):
+        out = int8_weight_only_linear(*args, backend=backend).cpu()
+        assert_close_to_oracle(out, oracle, ref, roundings=2, msg=backend)
+    dense = int8_weight_only_linear_dense(args[0].reshape(-1, K), *args[1:3], args[3], 0).cpu().view(3, M, N)
+    assert_close_to_oracle(dense, oracle, ref, roundings=2, msg="dense")
+    w = dequantize_weight(args[1], args[2], 0, dtype)  # the Triton dequantization: round to nearest even on GPUs
+    assert torch.equal(w.cpu(), dequantize_weight_ref(q, s).to(dtype))
+
+
+@gpu
+@pytest.mark.parametrize("M", [5, 40, 200, 1024])  # every W8A8 bucket; 1024^3 = 2^30 multiply-adds is tuned
+def test_gpu_w8a8_triton_configs_bitwise(M, seed):
+    g = _gen(seed)
+    N = K = 1024
+    x = torch.randn(M, K, generator=g)
+    xq, xs = quantize_per_token_ref(x)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    ws, bias = torch.rand(N, generator=g) * 1e-2, torch.randn(N, generator=g).to(torch.bfloat16)
+    expected = int8_linear_ref(xq, xs, w, ws, bias, torch.bfloat16)
+    cuda = [t.cuda() for t in (xq, xs, w, ws, bias)]
+    for c in k.w8a8_configs(M, torch.cuda.get_device_capability()):
+        out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
+        k.int8_linear_launch(*cuda, out, interpret=False, config=c)
+        assert torch.equal(out.cpu(), expected), c
+    for backend in ("auto", "triton", "cuda"):
+        assert torch.equal(int8_linear(*cuda, torch.bfloat16, backend=backend).cpu(), expected), backend
