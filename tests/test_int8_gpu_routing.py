@@ -197,3 +197,80 @@ def test_gpu_w8a8_triton_configs_bitwise(M, seed):
         assert torch.equal(out.cpu(), expected), c
     for backend in ("auto", "triton", "cuda"):
         assert torch.equal(int8_linear(*cuda, torch.bfloat16, backend=backend).cpu(), expected), backend
+
+
+# ---- compiled for real GPUs (no GPU needed; slow: ~40 compiles) ------------------------------------------------
+
+COMPILE_SCRIPT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastdistill.kernels import int8_linear as k
+
+
+def compile_(fn, types, const, cfg, cc):
+    sig = {p.name: "constexpr" if p.is_constexpr else types[p.name] for p in fn.params}
+    # what a launch with 16-byte aligned pointers and N, K multiples of 16 specializes on
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in types.items()
+             if t.startswith("*") or n in ("N", "K")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()},
+                    attrs=attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                       options=dict(num_warps=cfg[3], num_stages=cfg[4], enable_fp_fusion=False))
+    return c.asm["ptx"], c.metadata.shared
+
+
+out = []
+w8a8 = dict(x_ptr="*i8", w_ptr="*i8", xs_ptr="*fp32", ws_ptr="*fp32", b_ptr="*bf16", out_ptr="*bf16", M="i32",
+            N="i32", K="i32")
+w8a16 = dict(x_ptr="*bf16", w_ptr="*i8", s_ptr="*fp32", b_ptr="*bf16", out_ptr="*bf16", M="i32", N="i32", K="i32",
+             GROUP="i32", N_GROUPS="i32")
+for cc in (80, 86, 90):
+    cap = (cc // 10, cc % 10)
+    for M in (16, 64, 256, 8192):
+        for cfg in k.w8a8_configs(M, cap):
+            ptx, smem = compile_(k._int8_linear_kernel, w8a8, dict(HAS_BIAS=True, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
+                                                                   BLOCK_K=cfg[2]), cfg, cc)
+            out.append(dict(cc=cc, kernel="w8a8", cfg=cfg, smem=smem, wgmma="wgmma" in ptx and ".s8" in ptx,
+                            pipelined="cp.async" in ptx, fma="fma.rn.f32" in ptx))
+        for grouped in (False, True):
+            cfg = k.w8a16_config(M, cap, grouped)
+            const = dict(PER_CHANNEL=not grouped, HAS_BIAS=True, IEEE=False, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
+                         BLOCK_K=cfg[2])
+            ptx, smem = compile_(k._weight_only_kernel, w8a16, const, cfg, cc)
+            out.append(dict(cc=cc, kernel="w8a16", cfg=cfg, smem=smem, wgmma="wgmma" in ptx,
+                            pipelined="cp.async" in ptx, fma=False))
+ptx, _ = compile_(k._dequantize_weight_kernel, dict(w_ptr="*i8", s_ptr="*fp32", out_ptr="*bf16", K="i32",
+                                                    GROUP="i32", N_GROUPS="i32"),
+                  dict(PER_CHANNEL=True, BLOCK_K=4096), (0, 0, 0, 8, 3), 90)
+print(json.dumps(dict(configs=out, dequant_v4="ld.global.v4" in ptx)))
+"""
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}  # per-block opt-in shared memory
+
+
+@pytest.mark.slow
+def test_gpu_configs_compile_within_shared_memory():
+    """Every GPU configuration compiled for sm_80, sm_86 and sm_90 fits that GPU's shared memory (a launch that
+    needs more fails at run time: per-group W8A16 at 128 x 128 x 64 with 3 stages needed 112 KB on sm_86), is
+    software-pipelined (cp.async), W8A8 has no FMA contraction (bit-exact epilogue) and uses int8 wgmma on
+    sm_90 from 64 rows up; the dequantization loads 16 bytes per thread."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {key: v for key, v in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=900)
+    if proc.returncode != 0 and "ptxas" in proc.stderr.lower() and "not found" in proc.stderr.lower():
+        pytest.skip("triton's bundled ptxas is unavailable here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["dequant_v4"]
+    for c in r["configs"]:
+        assert c["smem"] <= SMEM_LIMIT[c["cc"]] and c["pipelined"] and not c["fma"], c
+        if c["cc"] == 90 and c["cfg"][0] >= 64:
+            assert c["wgmma"], c
