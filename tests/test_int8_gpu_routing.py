@@ -34,6 +34,10 @@ def test_w8a16_route_by_m(cap):
     for N, K in ((8192, 8192), (4096, 11008), (7, 40)):
         assert [w8a16_cuda_route(M, N, K, cap) for M in (0, 1, 16, 64)] == ["cuda"] * 4
         assert [w8a16_cuda_route(M, N, K, cap) for M in (65, 256, 1024, 4096, 10**6)] == ["dense"] * 5
+        for dtype in (torch.bfloat16, torch.float16):
+            assert w8a16_cuda_route(4096, N, K, cap, dtype) == "dense"
+        # float32 x: cuBLAS may run TF32; the cuda kernel keeps fp32 FMAs at every M
+        assert {w8a16_cuda_route(M, N, K, cap, torch.float32) for M in (1, 64, 65, 4096)} == {"cuda"}
 
 
 @pytest.mark.parametrize("cap", CAPS)
@@ -167,14 +171,14 @@ def test_gpu_w8a16_auto_and_every_route(M, dtype, seed):
     g = _gen(seed)
     K, N = 512, 776
     q, s = quantize_weight_ref(torch.randn(N, K, generator=g), 0)
-    x, bias = torch.randn(3, M, K, generator=g).to(dtype), torch.randn(N, generator=g)
+    x, bias = torch.randn(1, M, K, generator=g).to(dtype), torch.randn(N, generator=g)  # M rows, batch dims
     oracle = int8_weight_only_linear_f64(x, q, s, bias)
     ref = int8_weight_only_linear_ref(x, q, s, bias)
     args = (x.cuda(), q.cuda(), s.cuda(), bias.cuda())
     for backend in ("auto", "cuda", "triton"):
         out = int8_weight_only_linear(*args, backend=backend).cpu()
         assert_close_to_oracle(out, oracle, ref, roundings=2, msg=backend)
-    dense = int8_weight_only_linear_dense(args[0].reshape(-1, K), *args[1:3], args[3], 0).cpu().view(3, M, N)
+    dense = int8_weight_only_linear_dense(args[0].reshape(-1, K), *args[1:3], args[3], 0).cpu().view(1, M, N)
     assert_close_to_oracle(dense, oracle, ref, roundings=2, msg="dense")
     w = dequantize_weight(args[1], args[2], 0, dtype)  # the Triton dequantization: round to nearest even on GPUs
     assert torch.equal(w.cpu(), dequantize_weight_ref(q, s).to(dtype))

@@ -35,14 +35,17 @@ from fastdistill.reference.int8_linear import dequantize_weight_ref, int8_weight
 #     cuda's 0.55x, so cuda keeps M <= 64) and 0.84 ms at M 4096 (0.94x, against cuda's 0.23x).
 #   triton (tiled, int8 tile dequantized in registers): never run on a GPU; bench_int8_cuda_kernels.py times
 #     all three side by side per M, and this table follows its CSV.
-# Other capabilities are not measured: they use the sm_90 rows.
+# Other capabilities are not measured: they use the sm_90 rows. float32 x stays on the cuda kernel (fp32 FMAs):
+# cuBLAS would run a float32 GEMM in TF32 where torch allows it, below the fp32 accuracy the op promises.
 W8A16_CUDA_ROUTES = {(9, 0): ((64, "cuda"), (None, "dense"))}
 
 
-def w8a16_cuda_route(M: int, N: int, K: int, capability: tuple[int, int]) -> str:
-    """The auto route on CUDA for x [M, K] and w [N, K]: a pure function of the shape and the compute
-    capability (N and K do not move the crossover in the measurements so far)."""
-    return route_by_m(W8A16_CUDA_ROUTES, M, capability)
+def w8a16_cuda_route(M: int, N: int, K: int, capability: tuple[int, int],
+                     dtype: torch.dtype = torch.bfloat16) -> str:
+    """The auto route on CUDA for x [M, K] (dtype) and w [N, K]: a pure function of the shape, the compute
+    capability and x's dtype (N and K do not move the crossover in the measurements so far)."""
+    route = route_by_m(W8A16_CUDA_ROUTES, M, capability)
+    return "cuda" if route == "dense" and dtype == torch.float32 else route
 
 
 @torch.library.custom_op("fastdistill::int8_weight_only_linear_triton", mutates_args=())
@@ -84,8 +87,9 @@ def dequantize_weight(w_int8: torch.Tensor, w_scale: torch.Tensor, group_size: i
 @torch.library.custom_op("fastdistill::int8_weight_only_linear_dense", mutates_args=())
 def int8_weight_only_linear_dense(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor,
                                   bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
-    """The weight dequantized to x's dtype (exact for per-channel int8 values times one rounding of the scale
-    product), then torch's GEMM with fp32 accumulation; the bias is added by the GEMM in x's dtype."""
+    """The weight dequantized to x's dtype (float32 q * scale, rounded once), then torch's GEMM with fp32
+    accumulation; the bias is added by the GEMM in x's dtype. float32 x on CUDA: torch's TF32 setting applies
+    (auto never routes float32 here)."""
     w = dequantize_weight(w_int8, w_scale, group_size, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
@@ -173,7 +177,7 @@ def int8_weight_only_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torc
 @torch.compiler.assume_constant_result
 def _auto_cuda(M: int, N: int, K: int, device: torch.device, dtype: torch.dtype, fallback: str) -> str:
     """W8A16_CUDA_ROUTES' choice where it can run here, else `fallback` (the dispatch table's)."""
-    route = w8a16_cuda_route(M, N, K, torch.cuda.get_device_capability(device))
+    route = w8a16_cuda_route(M, N, K, torch.cuda.get_device_capability(device), dtype)
     if route == "dense":
         return route  # torch ops (+ the Triton dequantization where Triton runs): always available
     ok = dispatch.reason("int8_weight_only_linear", route, "cuda", (dtype,), device.index) is None
