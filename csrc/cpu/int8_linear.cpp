@@ -1,8 +1,9 @@
 // CPU kernels of the int8 ops (schemas and exact formulas in csrc/ops.cpp):
 //   quantize_per_token_cpu     absmax + quantize per row, the row read from memory once
 //   int8_linear_epilogue_cpu   int32 accumulators -> scaled (+ bias) output, one pass
-//   int8_linear_cpu            W8A8 matmul: torch._int_mm where oneDNN has VNNI/AMX, else an AVX2
-//                              int16-madd GEMM with the epilogue fused into its tiles (same bits)
+//   int8_linear_cpu            W8A8 matmul on the u8 x s8 GEMM of int8_gemm_u8s8.cpp (weight packed per call)
+//   int8_pack_w8a8_cpu         the weight packed once into that GEMM's layout (fd_int8_gemm.h, fd_int8_pack.h)
+//   int8_linear_dynamic_cpu    per-token quantization fused into the GEMM's packing of A + GEMM + epilogue
 // (W8A16: csrc/cpu/int8_weight_only_linear.cpp.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -15,10 +16,8 @@
 #include "fd_checks.h"
 #include "fd_cpu_isa.h"
 #include "fd_int8_cpu.h"
-
-#if FD_X86
-#include <immintrin.h>
-#endif
+#include "fd_int8_gemm.h"
+#include "fd_int8_pack.h"
 
 namespace fastdistill {
 namespace {
@@ -134,21 +133,26 @@ FD_CLONES void epilogue_row(const int32_t* acc, float xs, const float* ws, const
   }
 }
 
-void check_scales(const at::Tensor& x_scale, int64_t M, const at::Tensor& w_scale, int64_t N,
-                  const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x_scale.scalar_type() == at::kFloat && x_scale.dim() == 1 && x_scale.size(0) == M &&
-                        x_scale.is_contiguous() && x_scale.device().is_cpu(),
-                    "x_scale: expected a contiguous float32 CPU tensor of shape (", M, ",), got ",
-                    x_scale.scalar_type(), " ", x_scale.sizes());
-  TORCH_CHECK_VALUE(w_scale.scalar_type() == at::kFloat && w_scale.dim() == 1 && w_scale.size(0) == N &&
-                        w_scale.is_contiguous() && w_scale.device().is_cpu(),
-                    "w_scale: expected a contiguous float32 CPU tensor of shape (", N, ",), got ",
-                    w_scale.scalar_type(), " ", w_scale.sizes());
+void check_scale(const at::Tensor& t, int64_t n, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == n && t.is_contiguous() &&
+                        t.device().is_cpu(),
+                    name, ": expected a contiguous float32 CPU tensor of shape (", n, ",), got ", t.scalar_type(), " ",
+                    t.sizes());
+}
+
+void check_bias(const std::optional<at::Tensor>& bias, int64_t N) {
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->is_floating_point() && bias->dim() == 1 && bias->size(0) == N && bias->device().is_cpu(),
                       "bias: expected a floating-point CPU tensor of shape (", N, ",), got ", bias->scalar_type(),
                       " ", bias->sizes());
   }
+}
+
+void check_scales(const at::Tensor& x_scale, int64_t M, const at::Tensor& w_scale, int64_t N,
+                  const std::optional<at::Tensor>& bias) {
+  check_scale(x_scale, M, "x_scale");
+  check_scale(w_scale, N, "w_scale");
+  check_bias(bias, N);
 }
 
 void check_out_dtype(at::ScalarType out_dtype) {
@@ -179,133 +183,49 @@ at::Tensor int8_linear_epilogue_cpu(const at::Tensor& acc, const at::Tensor& x_s
   return out;
 }
 
-// ---- W8A8 GEMM without VNNI: int8 widened to int16, _mm256_madd_epi16 (exact: |pair sum| <= 2^15 fits
-// int32, and int32 sums are exact for K < 2^16 as with any int32 accumulator). Tiles of TM rows of x by
-// TN rows of w; K is zero-padded to a multiple of 16 so the tiles have no K tail. ----
+// ---- W8A8 GEMM (csrc/cpu/int8_gemm_u8s8.cpp): rows of A copied from x_int8, or quantized from x on the fly ----
 
-constexpr int64_t kNB = 32;  // rows of w per task (its int16 copy, kNB x K16, stays in L2)
-
-#if FD_X86
-template <int TM, int TN>
-__attribute__((target("avx2"))) void madd_tile(const int16_t* x, const int16_t* w, int64_t K16, int32_t* acc) {
-  __m256i a[TM][TN];
-  for (int i = 0; i < TM; ++i)
-    for (int j = 0; j < TN; ++j) a[i][j] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < K16; k += 16) {
-    __m256i wv[TN];
-    for (int j = 0; j < TN; ++j) wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * K16 + k));
-    for (int i = 0; i < TM; ++i) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * K16 + k));
-      for (int j = 0; j < TN; ++j) a[i][j] = _mm256_add_epi32(a[i][j], _mm256_madd_epi16(xv, wv[j]));
+struct Int8Rows : W8A8Rows {
+  const int8_t* x;
+  const float* scale;
+  int64_t K;
+  bool fill(int64_t m0, int64_t m1, int8_t* a, int64_t lda, float* xs) const override {
+    bool m128 = false;
+    for (int64_t m = m0; m < m1; ++m) {
+      const int8_t* row = x + m * K;
+      std::memcpy(a + (m - m0) * lda, row, K);
+      bool neg = false;
+      for (int64_t k = 0; k < K; ++k) neg |= row[k] == -128;
+      m128 |= neg;
+      xs[m - m0] = scale[m];
     }
+    return m128;
   }
-  for (int i = 0; i < TM; ++i) {
-    for (int j = 0; j < TN; ++j) {
-      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[i][j]), _mm256_extracti128_si256(a[i][j], 1));
-      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-      acc[i * 4 + j] = _mm_cvtsi128_si32(s);
-    }
-  }
-}
+};
 
-#endif
-
-// Portable tile for CPUs without AVX2 and other architectures (same exact int32 sums).
-template <int TM, int TN>
-void scalar_tile(const int16_t* x, const int16_t* w, int64_t K16, int32_t* acc) {
-  for (int i = 0; i < TM; ++i)
-    for (int j = 0; j < TN; ++j) {
-      int32_t s = 0;
-      for (int64_t k = 0; k < K16; ++k) s += int32_t(x[i * K16 + k]) * int32_t(w[j * K16 + k]);
-      acc[i * 4 + j] = s;
-    }
-}
-
-template <int TM>
-void tile_tm(bool avx2, int tn, const int16_t* x, const int16_t* w, int64_t K16, int32_t* acc) {
-#if FD_X86
-  if (avx2) {
-    switch (tn) {
-      case 4: return madd_tile<TM, 4>(x, w, K16, acc);
-      case 3: return madd_tile<TM, 3>(x, w, K16, acc);
-      case 2: return madd_tile<TM, 2>(x, w, K16, acc);
-      default: return madd_tile<TM, 1>(x, w, K16, acc);
-    }
-  }
-#endif
-  switch (tn) {
-    case 4: return scalar_tile<TM, 4>(x, w, K16, acc);
-    case 3: return scalar_tile<TM, 3>(x, w, K16, acc);
-    case 2: return scalar_tile<TM, 2>(x, w, K16, acc);
-    default: return scalar_tile<TM, 1>(x, w, K16, acc);
-  }
-}
-
-bool has_avx2() {
-#if FD_X86 && defined(__GNUC__)
-  static const bool ok = __builtin_cpu_supports("avx2");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-void widen_i8(const int8_t* src, int64_t K, int64_t K16, int16_t* dst) {
-  for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
-  for (int64_t k = K; k < K16; ++k) dst[k] = 0;
-}
-
-template <typename O>
-void madd_gemm(const at::Tensor& x, const float* xs, const at::Tensor& w, const float* ws, const float* bp,
-               O* out) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), K16 = (K + 15) / 16 * 16;
-  const bool avx2 = has_avx2();
-  std::vector<int16_t> x16(M * K16);
-  const int8_t *xp = x.data_ptr<int8_t>(), *wp = w.data_ptr<int8_t>();
-  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) widen_i8(xp + m * K, K, K16, x16.data() + m * K16);
-  });
-  parallel_tasks((N + kNB - 1) / kNB, [&](auto take, int64_t blocks) {
-    std::vector<int16_t> w16(kNB * K16);
-    int32_t acc[2 * 4];
-    for (int64_t blk; (blk = take()) < blocks;) {
-      const int64_t n0 = blk * kNB, nb = std::min(kNB, N - n0);
-      for (int64_t j = 0; j < nb; ++j) widen_i8(wp + (n0 + j) * K, K, K16, w16.data() + j * K16);
-      for (int64_t m = 0; m < M; m += 2) {
-        const int tm = int(std::min<int64_t>(2, M - m));
-        for (int64_t j = 0; j < nb; j += 4) {
-          const int tn = int(std::min<int64_t>(4, nb - j));
-          if (tm == 2) {
-            tile_tm<2>(avx2, tn, x16.data() + m * K16, w16.data() + j * K16, K16, acc);
-          } else {
-            tile_tm<1>(avx2, tn, x16.data() + m * K16, w16.data() + j * K16, K16, acc);
-          }
-          for (int i = 0; i < tm; ++i)
-            for (int c = 0; c < tn; ++c) {
-              const int64_t n = n0 + j + c;
-              float t = (static_cast<float>(acc[i * 4 + c]) * xs[m + i]) * ws[n];
-              if (bp != nullptr) t = t + bp[n];
-              store(out + (m + i) * N, n, t);
-            }
-        }
+// quantize_per_token's rows (of x, or of x * smooth rounded to T as torch's elementwise product does).
+template <typename T>
+struct QuantRows : W8A8Rows {
+  const T* x;
+  const T* smooth;  // smooth_inv in x's dtype, or nullptr
+  int64_t K;
+  bool fill(int64_t m0, int64_t m1, int8_t* a, int64_t lda, float* xs) const override {
+    thread_local std::vector<float> buf;
+    if (buf.size() < size_t(K)) buf.resize(K);
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* row = x + m * K;
+      const float* r;
+      if (smooth != nullptr) {
+        for (int64_t k = 0; k < K; ++k) buf[k] = to_f(static_cast<T>(to_f(row[k]) * to_f(smooth[k])));
+        r = buf.data();
+      } else {
+        r = widen(row, K, buf);
       }
+      xs[m - m0] = quantize_row(r, K, a + (m - m0) * lda);
     }
-  });
-}
-
-// oneDNN's int8 GEMM is fast only with VNNI or AMX; without them (AVX2-only CPUs) torch._int_mm on CPU
-// ran ~25x slower than an fp32 matmul on the dev machine, so the madd GEMM above takes over.
-// Elsewhere (aarch64) the portable tiles run: their int32 sums are exact, so the bits are the same.
-bool onednn_int8_fast() {
-#if FD_X86 && defined(__GNUC__)
-  static const bool fast = __builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni") ||
-                           __builtin_cpu_supports("amx-int8");
-  return fast;
-#else
-  return false;
-#endif
-}
+    return false;  // the quantizer never writes -128
+  }
+};
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
@@ -314,17 +234,72 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& x_scale, const
   check_int8_matrix(w, "w_int8");
   TORCH_CHECK_VALUE(x.size(1) == w.size(1), "w_int8: expected shape (N, ", x.size(1), "), got ", w.sizes());
   check_out_dtype(out_dtype);
-  const int64_t M = x.size(0), N = w.size(0);
+  const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
   check_scales(x_scale, M, w_scale, N, bias);
-  if (onednn_int8_fast() && M > 0 && N > 0 && x.size(1) > 0) {
-    return int8_linear_epilogue_cpu(at::_int_mm(x, w.t()), x_scale, w_scale, bias, out_dtype);
+  at::Tensor bias_c;
+  const float* bp = bias_f32(bias, bias_c);
+  at::Tensor out = new_output({M, N}, x.options().dtype(out_dtype));
+  if (M == 0 || N == 0) return out;
+  // packed per call (a pass over w, as the int16 widening of the old GEMM was)
+  at::Tensor packed = at::empty({w8a8_payload_bytes(N, K)}, w.options().dtype(at::kByte));
+  const uint32_t flags = pack_w8a8_payload(w.data_ptr<int8_t>(), N, K, packed.data_ptr<uint8_t>());
+  Int8Rows rows;
+  rows.x = x.data_ptr<int8_t>();
+  rows.scale = x_scale.data_ptr<float>();
+  rows.K = K;
+  gemm_w8a8(rows, M, N, K, packed.data_ptr<uint8_t>(), flags, w_scale.data_ptr<float>(), bp, out.data_ptr(),
+            out_dtype);
+  return out;
+}
+
+at::Tensor int8_pack_w8a8_cpu(const at::Tensor& w) {
+  check_int8_matrix(w, "w_int8");
+  const int64_t N = w.size(0), K = w.size(1);
+  at::Tensor packed = new_packed(PackKind::kW8A8, kW8A8Layout, N, K, w8a8_k4(K), 0, w8a8_payload_bytes(N, K));
+  const uint32_t flags = pack_w8a8_payload(w.data_ptr<int8_t>(), N, K, packed_payload_mut(packed));
+  PackHeader h;
+  std::memcpy(&h, packed.data_ptr<uint8_t>(), sizeof h);
+  h.flags = flags;
+  std::memcpy(packed.data_ptr<uint8_t>(), &h, sizeof h);
+  return packed;
+}
+
+at::Tensor int8_linear_dynamic_cpu(const at::Tensor& x, const at::Tensor& w_packed, const at::Tensor& w_scale,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& smooth_inv,
+                                   at::ScalarType out_dtype) {
+  check_rows(x, "x");
+  TORCH_CHECK_TYPE(is_kernel_float(x.scalar_type()), "x: dtype ", x.scalar_type(),
+                   " not supported (float32, bfloat16, float16)");
+  check_out_dtype(out_dtype);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK_VALUE(w_scale.dim() == 1, "w_scale: expected shape (N,), got ", w_scale.sizes());
+  const int64_t N = w_scale.size(0);
+  const PackHeader h = check_packed(w_packed, PackKind::kW8A8, kW8A8Layout, N, K);
+  TORCH_CHECK_VALUE(h.payload_bytes == w8a8_payload_bytes(N, K) && h.k_padded == w8a8_k4(K),
+                    "w_packed: payload of ", h.payload_bytes, " bytes, layout ", kW8A8Layout, " needs ",
+                    w8a8_payload_bytes(N, K), " for [", N, ", ", K, "] (corrupted header)");
+  check_scale(w_scale, N, "w_scale");
+  check_bias(bias, N);
+  at::Tensor smooth_c;
+  if (smooth_inv.has_value()) {
+    TORCH_CHECK_VALUE(smooth_inv->scalar_type() == at::kFloat && smooth_inv->dim() == 1 &&
+                          smooth_inv->size(0) == K && smooth_inv->device().is_cpu(),
+                      "smooth_inv: expected a float32 CPU tensor of shape (", K, ",), got ",
+                      smooth_inv->scalar_type(), " ", smooth_inv->sizes());
+    smooth_c = smooth_inv->to(x.scalar_type()).contiguous();
   }
   at::Tensor bias_c;
   const float* bp = bias_f32(bias, bias_c);
   at::Tensor out = new_output({M, N}, x.options().dtype(out_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out_dtype, "int8_linear_cpu", [&] {
+  if (M == 0 || N == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "int8_linear_dynamic_cpu", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {
-      madd_gemm<scalar_t>(x, x_scale.data_ptr<float>(), w, w_scale.data_ptr<float>(), bp, out.data_ptr<scalar_t>());
+      QuantRows<scalar_t> rows;
+      rows.x = x.data_ptr<scalar_t>();
+      rows.smooth = smooth_c.defined() ? smooth_c.data_ptr<scalar_t>() : nullptr;
+      rows.K = K;
+      gemm_w8a8(rows, M, N, K, packed_payload(w_packed), h.flags, w_scale.data_ptr<float>(), bp, out.data_ptr(),
+                out_dtype);
     }
   });
   return out;
@@ -336,6 +311,8 @@ TORCH_LIBRARY_IMPL(fastdistill, CPU, m) {
   m.impl("quantize_per_token_cpu", &quantize_per_token_cpu);
   m.impl("int8_linear_epilogue_cpu", &int8_linear_epilogue_cpu);
   m.impl("int8_linear_cpu", &int8_linear_cpu);
+  m.impl("int8_pack_w8a8_cpu", &int8_pack_w8a8_cpu);
+  m.impl("int8_linear_dynamic_cpu", &int8_linear_dynamic_cpu);
 }
 
 }  // namespace fastdistill

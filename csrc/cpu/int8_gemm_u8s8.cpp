@@ -1,0 +1,378 @@
+// The W8A8 CPU GEMM (layout, paths and exactness argument in csrc/include/fd_int8_gemm.h).
+// Blocking: M in chunks of MC rows; per chunk the rows are quantized/copied once into a shared A buffer (and
+// its u8 form derived while hot), then threads take groups of weight panels (a group stays in L2) and run
+// MR-row x 16-column tiles over the whole K; each tile's epilogue writes the output directly.
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "fd_cpu_isa.h"
+#include "fd_int8_cpu.h"
+#include "fd_int8_gemm.h"
+
+#if FD_X86
+#include <immintrin.h>
+#endif
+
+namespace fastdistill {
+namespace {
+
+enum class Path { kScalar, kAvx2, kAvx2Swap, kVnni256, kVnni512 };
+constexpr int kLdc = 32;  // row stride of a tile's int32 results (up to two panels)
+
+// c[i * kLdc + j] = sum_k a[i, k] w[j, k] for rows i < mr and the np panels at wp, wp + pstride (16 columns each).
+// as: signed rows, au: their u8 form (|a| for avx2, a + 128 for vnni), cs: the panels' column sums.
+using TileFn = void (*)(int mr, const int8_t* as, const uint8_t* au, int64_t lda, const int8_t* wp,
+                        int64_t pstride, int64_t K4, const int32_t* cs, int32_t* c);
+
+void scalar_tile(int mr, const int8_t* as, const uint8_t*, int64_t lda, const int8_t* wp, int64_t, int64_t K4,
+                 const int32_t*, int32_t* c) {
+  for (int i = 0; i < mr; ++i) {
+    int32_t s[kW8A8Panel] = {};
+    const int8_t* a = as + i * lda;
+    for (int64_t k = 0; k < K4; k += 4)
+      for (int j = 0; j < kW8A8Panel; ++j)
+        for (int b = 0; b < 4; ++b) s[j] += int32_t(a[k + b]) * int32_t(wp[k * 16 + j * 4 + b]);
+    std::memcpy(c + i * kLdc, s, sizeof s);
+  }
+}
+
+#if FD_X86
+#define FD_AVX2 __attribute__((target("avx2")))
+FD_AVX2 FD_INLINE __m256i bcast4(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm256_set1_epi32(v);
+}
+
+// kSwap = false: vpmaddubsw(|a|, sign(w, a)); true: vpmaddubsw(|w|, sign(a, w)). Pairs stay below 2^15.
+template <int MR, bool kSwap>
+FD_AVX2 void avx2_tile(int, const int8_t* as, const uint8_t* au, int64_t lda, const int8_t* wp, int64_t, int64_t K4,
+                       const int32_t*, int32_t* c) {
+  __m256i acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t k = 0; k < K4; k += 4) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 16));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 16 + 32));
+    if constexpr (kSwap) {
+      const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i s = bcast4(as + i * lda + k);
+        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(s, w0)), ones));
+        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(s, w1)), ones));
+      }
+    } else {
+      for (int i = 0; i < MR; ++i) {
+        const __m256i s = bcast4(as + i * lda + k), u = bcast4(au + i * lda + k);
+        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(w0, s)), ones));
+        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(w1, s)), ones));
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i * kLdc), acc[i][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i * kLdc + 8), acc[i][1]);
+  }
+}
+
+// VNNI tiles: vpdpbusd(a + 128, w) then - 128 * colsum (int32 wraps cancel: the true sum fits int32).
+template <int MR>
+__attribute__((target("avx2,avxvnni"))) void vnni256_tile(int, const int8_t*, const uint8_t* au, int64_t lda,
+                                                           const int8_t* wp, int64_t, int64_t K4, const int32_t* cs,
+                                                           int32_t* c) {
+  __m256i acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < K4; k += 4) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 16));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 16 + 32));
+    for (int i = 0; i < MR; ++i) {
+      int32_t v;
+      std::memcpy(&v, au + i * lda + k, 4);
+      const __m256i u = _mm256_set1_epi32(v);
+      acc[i][0] = _mm256_dpbusd_avx_epi32(acc[i][0], u, w0);
+      acc[i][1] = _mm256_dpbusd_avx_epi32(acc[i][1], u, w1);
+    }
+  }
+  const __m256i c0 = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cs)), 7);
+  const __m256i c1 = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cs + 8)), 7);
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i * kLdc), _mm256_sub_epi32(acc[i][0], c0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i * kLdc + 8), _mm256_sub_epi32(acc[i][1], c1));
+  }
+}
+
+template <int MR, int NP>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni512_tile(int, const int8_t*, const uint8_t* au,
+                                                                         int64_t lda, const int8_t* wp, int64_t pstride,
+                                                                         int64_t K4, const int32_t* cs, int32_t* c) {
+  __m512i acc[MR][NP];
+  for (int i = 0; i < MR; ++i)
+    for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K4; k += 4) {
+    __m512i w[NP];
+    for (int p = 0; p < NP; ++p) w[p] = _mm512_loadu_si512(wp + p * pstride + k * 16);
+    for (int i = 0; i < MR; ++i) {
+      int32_t v;
+      std::memcpy(&v, au + i * lda + k, 4);
+      const __m512i u = _mm512_set1_epi32(v);
+      for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], u, w[p]);
+    }
+  }
+  for (int p = 0; p < NP; ++p) {
+    const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(cs + p * 16), 7);
+    for (int i = 0; i < MR; ++i) _mm512_storeu_si512(c + i * kLdc + p * 16, _mm512_sub_epi32(acc[i][p], corr));
+  }
+}
+#endif
+
+struct PathInfo {
+  int mr, np;  // tile rows, panels per tile
+};
+
+PathInfo path_info(Path p) { return p == Path::kVnni512 ? PathInfo{8, 2} : PathInfo{4, 1}; }
+
+TileFn tile_for(Path p, int mr, int np) {
+#if FD_X86
+  static const TileFn avx2[4] = {avx2_tile<1, false>, avx2_tile<2, false>, avx2_tile<3, false>, avx2_tile<4, false>};
+  static const TileFn swap[4] = {avx2_tile<1, true>, avx2_tile<2, true>, avx2_tile<3, true>, avx2_tile<4, true>};
+  static const TileFn v256[4] = {vnni256_tile<1>, vnni256_tile<2>, vnni256_tile<3>, vnni256_tile<4>};
+  static const TileFn v512[2][8] = {
+      {vnni512_tile<1, 1>, vnni512_tile<2, 1>, vnni512_tile<3, 1>, vnni512_tile<4, 1>, vnni512_tile<5, 1>,
+       vnni512_tile<6, 1>, vnni512_tile<7, 1>, vnni512_tile<8, 1>},
+      {vnni512_tile<1, 2>, vnni512_tile<2, 2>, vnni512_tile<3, 2>, vnni512_tile<4, 2>, vnni512_tile<5, 2>,
+       vnni512_tile<6, 2>, vnni512_tile<7, 2>, vnni512_tile<8, 2>}};
+  switch (p) {
+    case Path::kAvx2: return avx2[mr - 1];
+    case Path::kAvx2Swap: return swap[mr - 1];
+    case Path::kVnni256: return v256[mr - 1];
+    case Path::kVnni512: return v512[np - 1][mr - 1];
+    case Path::kScalar: break;
+  }
+#endif
+  (void)mr;
+  (void)np;
+  return scalar_tile;
+}
+
+// ---- epilogue of one tile: t = ((float)acc * xs[m]) * ws[n] (+ bias[n]) -> O, the order of int8_linear_epilogue ----
+
+template <typename O>
+void store_tile(const int32_t* c, int rows, int cols, const float* xs, const float* ws, const float* bias, O* out,
+                int64_t ldo) {
+  for (int i = 0; i < rows; ++i) {
+    const float x = xs[i];
+    const int32_t* ci = c + i * kLdc;
+    O* o = out + i * ldo;
+    if (bias != nullptr) {
+      for (int j = 0; j < cols; ++j) o[j] = static_cast<O>((static_cast<float>(ci[j]) * x) * ws[j] + bias[j]);
+    } else {
+      for (int j = 0; j < cols; ++j) o[j] = static_cast<O>((static_cast<float>(ci[j]) * x) * ws[j]);
+    }
+  }
+}
+
+// ---- path choice ----
+
+bool cpu_has(const char* what) {
+#if FD_X86 && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  static const bool v512 = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+  static const bool v256 = __builtin_cpu_supports("avxvnni");
+  return std::strcmp(what, "avx2") == 0 ? avx2 : std::strcmp(what, "vnni512") == 0 ? v512 : v256;
+#else
+  (void)what;
+  return false;
+#endif
+}
+
+Path vnni_path() { return cpu_has("vnni512") ? Path::kVnni512 : Path::kVnni256; }
+
+void gemm_on(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K, const uint8_t* payload, uint32_t flags,
+             const float* ws, const float* bias, void* out, at::ScalarType out_dtype);
+
+// A worst case (all +-127, -128 in a and w, a K tail, an N tail) through the VNNI path vs the scalar one, once:
+// the VNNI path cannot run on the dev machines, so a user's CPU checks it before trusting it.
+bool vnni_self_check() {
+  constexpr int64_t M = 9, N = 37, K = 1029;
+  std::vector<int8_t> a(M * K), w(N * K);
+  uint32_t r = 12345;
+  auto next = [&r]() { return r = r * 1664525u + 1013904223u, int8_t(int(r >> 24) - 128); };
+  for (int64_t i = 0; i < M * K; ++i) a[i] = i < 3 * K ? int8_t(i % 3 == 0 ? -128 : 127) : i < 6 * K ? -127 : next();
+  for (int64_t i = 0; i < N * K; ++i) w[i] = i < 5 * K ? int8_t(i % 2 ? -127 : 127) : i < 9 * K ? -128 : next();
+  struct Rows : W8A8Rows {
+    const int8_t* a;
+    int64_t K;
+    bool fill(int64_t m0, int64_t m1, int8_t* dst, int64_t lda, float* xs) const override {
+      for (int64_t m = m0; m < m1; ++m) std::memcpy(dst + (m - m0) * lda, a + m * K, K), xs[m - m0] = 1.0f;
+      return true;
+    }
+  } src;
+  src.a = a.data();
+  src.K = K;
+  std::vector<uint8_t> packed(w8a8_payload_bytes(N, K));
+  const uint32_t flags = pack_w8a8_payload(w.data(), N, K, packed.data());
+  std::vector<float> ones(N, 1.0f), ref(M * N), got(M * N);  // |sums| < 2^24: exact in float
+  gemm_on(Path::kScalar, src, M, N, K, packed.data(), flags, ones.data(), nullptr, ref.data(), at::kFloat);
+  gemm_on(vnni_path(), src, M, N, K, packed.data(), flags, ones.data(), nullptr, got.data(), at::kFloat);
+  return std::memcmp(ref.data(), got.data(), ref.size() * sizeof(float)) == 0;
+}
+
+Path base_path() {
+  const char* e = std::getenv("FASTDISTILL_INT8_CPU_PATH");
+  const bool has_vnni = cpu_has("vnni512") || cpu_has("avxvnni");
+  if (e == nullptr || *e == '\0' || std::strcmp(e, "auto") == 0) {
+    if (has_vnni) {
+      static const bool ok = vnni_self_check();
+      if (ok) return vnni_path();
+      TORCH_WARN_ONCE("fastdistill: the int8 VNNI path failed its self-check on this CPU; using AVX2 instead");
+    }
+    return cpu_has("avx2") ? Path::kAvx2 : Path::kScalar;
+  }
+  if (std::strcmp(e, "scalar") == 0) return Path::kScalar;
+  if (std::strcmp(e, "avx2") == 0) {
+    TORCH_CHECK_VALUE(cpu_has("avx2"), "FASTDISTILL_INT8_CPU_PATH: avx2 requested, this CPU has no AVX2");
+    return Path::kAvx2;
+  }
+  if (std::strcmp(e, "vnni") == 0) {
+    TORCH_CHECK_VALUE(has_vnni, "FASTDISTILL_INT8_CPU_PATH: vnni requested, this CPU has neither avx512_vnni nor "
+                                "avx_vnni");
+    return vnni_path();
+  }
+  TORCH_CHECK_VALUE(false, "FASTDISTILL_INT8_CPU_PATH: expected auto, scalar, avx2 or vnni, got '", e, "'");
+}
+
+// ---- the driver ----
+
+constexpr int64_t kChunkBytes = int64_t(1) << 20;  // A buffer per chunk (signed + u8 rows)
+constexpr int64_t kGroupBytes = int64_t(192) << 10;  // weight panels one task keeps in L2
+constexpr int64_t kSerialMacs = int64_t(1) << 21;    // below this a call runs on the calling thread
+
+template <typename F>
+void run_tasks(bool parallel, int64_t n, const F& body) {
+  if (!parallel || n <= 1) {
+    for (int64_t t = 0; t < n; ++t) body(t);
+    return;
+  }
+  parallel_tasks(n, [&](auto take, int64_t count) {
+    for (int64_t t; (t = take()) < count;) body(t);
+  });
+}
+
+template <typename O>
+void gemm_typed(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K, const uint8_t* payload,
+                uint32_t flags, const float* ws, const float* bias, O* out) {
+  const int64_t K4 = w8a8_k4(K), panels = w8a8_n16(N) / kW8A8Panel, lda = std::max<int64_t>(K4, 4);
+  const int8_t* wpack = reinterpret_cast<const int8_t*>(payload);
+  const int32_t* colsum = reinterpret_cast<const int32_t*>(payload + w8a8_n16(N) * K4);
+  const bool parallel = M * N * std::max<int64_t>(K, 1) >= kSerialMacs && at::get_num_threads() > 1;
+  // avx2 with a -128 weight: the swapped form if A has no -128, else scalar (decided per chunk after the fill)
+  const bool swap_or_scalar = base == Path::kAvx2 && (flags & kW8A8HasM128) != 0;
+  const PathInfo info = path_info(base);
+  const int64_t mc = std::max<int64_t>(info.mr, std::min(M, kChunkBytes / (2 * lda)) / info.mr * info.mr);
+  const int64_t group = std::max<int64_t>(1, kGroupBytes / (kW8A8Panel * lda) / info.np * info.np);
+  const int64_t tasks = (panels + group - 1) / group;
+  // one buffer per calling thread, reused across calls (no allocation per call once grown)
+  thread_local std::vector<uint8_t> buf;
+  const size_t need = size_t(mc) * (2 * lda + sizeof(float)) + 64;
+  if (buf.size() < need) buf.resize(need);
+  int8_t* as = reinterpret_cast<int8_t*>(buf.data());
+  uint8_t* au = buf.data() + mc * lda;
+  float* xs = reinterpret_cast<float*>(buf.data() + 2 * mc * lda);
+  for (int64_t m0 = 0; m0 < M; m0 += mc) {
+    const int64_t rows_n = std::min(mc, M - m0);
+    std::atomic<bool> a_m128{false};
+    constexpr int64_t kRowBlock = 8;
+    run_tasks(parallel, (rows_n + kRowBlock - 1) / kRowBlock, [&](int64_t t) {
+      const int64_t r0 = t * kRowBlock, r1 = std::min(rows_n, r0 + kRowBlock);
+      if (rows.fill(m0 + r0, m0 + r1, as + r0 * lda, lda, xs + r0)) a_m128.store(true, std::memory_order_relaxed);
+      for (int64_t r = r0; r < r1; ++r) {
+        int8_t* s = as + r * lda;
+        uint8_t* u = au + r * lda;
+        std::memset(s + K, 0, lda - K);
+        if (base == Path::kAvx2 && !swap_or_scalar) {
+          for (int64_t k = 0; k < lda; ++k) u[k] = uint8_t(s[k] < 0 ? -int(s[k]) : s[k]);  // |-128| = 128
+        } else if (base == Path::kVnni256 || base == Path::kVnni512) {
+          for (int64_t k = 0; k < lda; ++k) u[k] = uint8_t(s[k]) ^ 0x80u;  // a + 128
+        }
+      }
+    });
+    const Path path = !swap_or_scalar ? base : a_m128.load() ? Path::kScalar : Path::kAvx2Swap;
+    const PathInfo pi = path_info(path);
+    run_tasks(parallel, tasks, [&](int64_t t) {
+      const int64_t p0 = t * group, p1 = std::min(panels, p0 + group);
+      alignas(64) int32_t c[8 * kLdc];
+      for (int64_t r = 0; r < rows_n; r += pi.mr) {
+        const int mr = int(std::min<int64_t>(pi.mr, rows_n - r));
+        for (int64_t p = p0; p < p1; p += pi.np) {
+          const int np = int(std::min<int64_t>(pi.np, p1 - p));
+          tile_for(path, mr, np)(mr, as + r * lda, au + r * lda, lda, wpack + p * kW8A8Panel * K4,
+                                 kW8A8Panel * K4, K4, colsum + p * kW8A8Panel, c);
+          const int64_t n0 = p * kW8A8Panel;
+          const int cols = int(std::min<int64_t>(np * kW8A8Panel, N - n0));
+          store_tile(c, mr, cols, xs + r, ws + n0, bias == nullptr ? nullptr : bias + n0, out + (m0 + r) * N + n0, N);
+        }
+      }
+    });
+  }
+}
+
+void gemm_on(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K, const uint8_t* payload, uint32_t flags,
+             const float* ws, const float* bias, void* out, at::ScalarType out_dtype) {
+  if (M == 0 || N == 0) return;
+  switch (out_dtype) {
+    case at::kFloat: return gemm_typed(base, rows, M, N, K, payload, flags, ws, bias, static_cast<float*>(out));
+    case at::kBFloat16:
+      return gemm_typed(base, rows, M, N, K, payload, flags, ws, bias, static_cast<at::BFloat16*>(out));
+    case at::kHalf: return gemm_typed(base, rows, M, N, K, payload, flags, ws, bias, static_cast<at::Half*>(out));
+    default: TORCH_CHECK_TYPE(false, "out_dtype: ", out_dtype, " not supported (float32, bfloat16, float16)");
+  }
+}
+
+}  // namespace
+
+uint32_t pack_w8a8_payload(const int8_t* w, int64_t N, int64_t K, uint8_t* payload) {
+  const int64_t K4 = w8a8_k4(K), n16 = w8a8_n16(N);
+  int32_t* colsum = reinterpret_cast<int32_t*>(payload + n16 * K4);
+  std::atomic<bool> m128{false};
+  at::parallel_for(0, n16 / kW8A8Panel, std::max<int64_t>(1, 65536 / std::max<int64_t>(16 * K4, 1)),
+                   [&](int64_t b, int64_t e) {
+                     bool seen = false;
+                     for (int64_t p = b; p < e; ++p) {
+                       uint8_t* dst = payload + p * kW8A8Panel * K4;
+                       const int64_t rows = std::min<int64_t>(kW8A8Panel, N - p * kW8A8Panel);
+                       for (int64_t j = 0; j < rows; ++j) {
+                         const int8_t* row = w + (p * kW8A8Panel + j) * K;
+                         int32_t s = 0;
+                         bool neg = false;
+                         for (int64_t k = 0; k < K; ++k) s += row[k], neg |= row[k] == -128;
+                         colsum[p * kW8A8Panel + j] = s;
+                         seen |= neg;
+                       }
+                       for (int64_t j = rows; j < kW8A8Panel; ++j) colsum[p * kW8A8Panel + j] = 0;
+                       // k-quad outer: each quad writes 64 contiguous bytes from 16 row streams (padding: zeros)
+                       for (int64_t k = 0; k < K4; k += 4) {
+                         const int64_t n = std::min<int64_t>(4, K - k);
+                         for (int64_t j = 0; j < kW8A8Panel; ++j) {
+                           uint8_t* d = dst + k * 16 + j * 4;
+                           if (n < 4 || j >= rows) std::memset(d, 0, 4);
+                           if (j < rows) std::memcpy(d, w + (p * kW8A8Panel + j) * K + k, n);
+                         }
+                       }
+                     }
+                     if (seen) m128.store(true, std::memory_order_relaxed);
+                   });
+  return m128.load() ? kW8A8HasM128 : 0u;
+}
+
+void gemm_w8a8(const W8A8Rows& rows, int64_t M, int64_t N, int64_t K, const uint8_t* payload, uint32_t flags,
+               const float* ws, const float* bias, void* out, at::ScalarType out_dtype) {
+  gemm_on(base_path(), rows, M, N, K, payload, flags, ws, bias, out, out_dtype);
+}
+
+}  // namespace fastdistill
