@@ -6,7 +6,8 @@ tables in fastdistill/ops/int8_linear.py and int8_weight_only_linear.py cite).
 - quantize_per_token (bf16 -> int8 + scale) and the W8A8 epilogue (int32 -> bf16): GB/s vs eager PyTorch.
 - W8A8 at M = 16, 256 and N (N = K = 8192): bf16 F.linear; torch._int_mm alone; quantize + _int_mm + our
   CUDA epilogue (the cuda route, plus the epilogue pass alone: its share decides whether it must be fused);
-  the Triton kernel (int8 tl.dot + fused epilogue) in its default and tuned configuration, after quantize;
+  the Triton kernel (int8 tl.dot + fused epilogue) after quantize: its default tile, the persistent TMA
+  kernel's first tile (sm_90+) and the tuned choice among all candidates;
   and the auto route (quantize_per_token + int8_linear).
 - W8A16 (int8_weight_only_linear, per channel) at M = 1, 16, 64, 256, 1024, 4096, N = K = 8192: bf16 F.linear,
   the cuda kernel, the Triton kernel, dense (dequantize pass + cuBLAS; the pass alone too) and auto; at
@@ -138,8 +139,12 @@ def bench_w8a8(rec, bench, ops, sfx, dev, n, m_list, g, triton_ok):
                 vs=t_bf16)
         if triton_ok:
             out = new_output((m, n), like=x)
-            for label, cfg in (("default", kern.w8a8_configs(m, torch.cuda.get_device_capability())[0]),
+            cap = torch.cuda.get_device_capability()
+            tma = kern.w8a8_tma_configs(m, n, cap, True)
+            for label, cfg in (("default", kern.w8a8_configs(m, cap)[0]), ("tma", tma[0] if tma else None),
                                ("tuned", None)):
+                if label == "tma" and cfg is None:
+                    continue
                 def run(cfg=cfg):
                     q, s = quant(x)
                     kern.int8_linear_launch(q, w8, s, ws, bias, out, interpret=False, config=cfg)

@@ -159,6 +159,29 @@ def test_w8a8_grouped_grid_covers_every_tile(seed):
     assert torch.equal(out, int8_linear_ref(x, xs, w, ws))
 
 
+@needs_interpreter
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_w8a8_tma_kernel_persistent(out_dtype, seed):
+    """The persistent TMA kernel: 3 programs walk 10 x 3 tiles (partial ones read zeros beyond the edges)."""
+    g = _gen(seed)
+    M, N, K = 16 * 9 + 3, 70, 48
+    x = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    xs, ws, bias = torch.rand(M, generator=g) * 1e-2, torch.rand(N, generator=g) * 1e-2, torch.randn(N, generator=g)
+    out = torch.full((M, N), float("nan"), dtype=out_dtype)
+    k.int8_linear_launch(x, w, xs, ws, bias, out, interpret=True, config=(16, 32, 32, 4, 1, "tma"))
+    assert torch.equal(out, int8_linear_ref(x, xs, w, ws, bias, out_dtype))
+
+
+def test_w8a8_tma_candidates_follow_tma_rules():
+    assert k.w8a8_tma_configs(4096, 8192, (9, 0), True)[0][-1] == "tma"
+    assert k.w8a8_tma_configs(64, 8192, (10, 0), True)
+    assert not k.w8a8_tma_configs(4096, 8192, (8, 0), True)  # no TMA before sm_90
+    assert not k.w8a8_tma_configs(4096, 8200 + 4, (9, 0), True)  # row stride not a multiple of 16 bytes
+    assert not k.w8a8_tma_configs(4096, 8192, (9, 0), False)  # unaligned base
+    assert not k.w8a8_tma_configs(16, 8192, (9, 0), True)  # 16 rows: no 64-row wgmma tile
+
+
 # ---- on a GPU (benchmarks/gpu_check.sh) -----------------------------------------------------------------------
 
 gpu = pytest.mark.gpu
@@ -195,7 +218,8 @@ def test_gpu_w8a8_triton_configs_bitwise(M, seed):
     ws, bias = torch.rand(N, generator=g) * 1e-2, torch.randn(N, generator=g).to(torch.bfloat16)
     expected = int8_linear_ref(xq, xs, w, ws, bias, torch.bfloat16)
     cuda = [t.cuda() for t in (xq, xs, w, ws, bias)]
-    for c in k.w8a8_configs(M, torch.cuda.get_device_capability()):
+    cap = torch.cuda.get_device_capability()
+    for c in k.w8a8_configs(M, cap) + k.w8a8_tma_configs(M, K, cap, True):
         out = torch.full((M, N), float("nan"), dtype=torch.bfloat16, device="cuda")
         k.int8_linear_launch(*cuda, out, interpret=False, config=c)
         assert torch.equal(out.cpu(), expected), c
@@ -217,7 +241,7 @@ def compile_(fn, types, const, cfg, cc):
     sig = {p.name: "constexpr" if p.is_constexpr else types[p.name] for p in fn.params}
     # what a launch with 16-byte aligned pointers and N, K multiples of 16 specializes on
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in types.items()
-             if t.startswith("*") or n in ("N", "K")}
+             if n in fn.arg_names and (t.startswith("*") or n in ("N", "K"))}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v for n, v in const.items()},
                     attrs=attrs)
     c = triton.compile(src, target=GPUTarget("cuda", cc, 32),
@@ -245,6 +269,15 @@ for cc in (80, 86, 90):
             ptx, smem = compile_(k._weight_only_kernel, w8a16, const, cfg, cc)
             out.append(dict(cc=cc, kernel="w8a16", cfg=cfg, smem=smem, wgmma="wgmma" in ptx,
                             pipelined="cp.async" in ptx, fma=False))
+for M in (64, 256, 8192):
+    for cfg in k.w8a8_tma_configs(M, 8192, (9, 0), True):
+        bm, bn, bk = cfg[:3]
+        types = dict(w8a8, x_desc=f"tensordesc<i8[{bm}, {bk}]>", w_desc=f"tensordesc<i8[{bn}, {bk}]>",
+                     PROGRAMS="i32")
+        ptx, smem = compile_(k._int8_linear_tma_kernel, types, dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn,
+                                                                    BLOCK_K=bk), cfg, 90)
+        out.append(dict(cc=90, kernel="w8a8_tma", cfg=cfg, smem=smem, wgmma="wgmma" in ptx and ".s8" in ptx,
+                        pipelined="cp.async.bulk.tensor" in ptx, fma="fma.rn.f32" in ptx))
 ptx, _ = compile_(k._dequantize_weight_kernel, dict(w_ptr="*i8", s_ptr="*fp32", out_ptr="*bf16", K="i32",
                                                     GROUP="i32", N_GROUPS="i32"),
                   dict(PER_CHANNEL=True, BLOCK_K=4096), (0, 0, 0, 8, 3), 90)
@@ -257,8 +290,8 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 90: 227 * 1024}  # per-block opt-in
 def test_gpu_configs_compile_within_shared_memory():
     """Every GPU configuration compiled for sm_80, sm_86 and sm_90 fits that GPU's shared memory (a launch that
     needs more fails at run time: per-group W8A16 at 128 x 128 x 64 with 3 stages needed 112 KB on sm_86), is
-    software-pipelined (cp.async), W8A8 has no FMA contraction (bit-exact epilogue) and uses int8 wgmma on
-    sm_90 from 64 rows up; the dequantization loads 16 bytes per thread."""
+    software-pipelined (cp.async; TMA for the persistent kernel), W8A8 has no FMA contraction (bit-exact
+    epilogue) and uses int8 wgmma on sm_90 from 64 rows up; the dequantization loads 16 bytes per thread."""
     import json
     import subprocess
     import sys

@@ -9,9 +9,16 @@
   the fp32 accumulator (the int8 values are exact in bf16/fp16, so the tensor-core dot loses nothing),
   per-group scales applied to the weight tile before the dot.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
+
+try:  # host-side TMA descriptors (Triton >= 3.4; the GPU image has 3.6)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: v + M - M rounds |v| < 2^22 to nearest even
 TINY = tl.constexpr(2.0**-64)  # rows with max|x| below it are scaled by PRE first (127 / a would overflow)
@@ -67,16 +74,30 @@ def quantize_per_token_launch(x, q, scale, *, interpret: bool, gpu_config: bool 
 
 
 @triton.jit
+def _grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(row tile, column tile) of 1-D tile index `tile`, in groups of GROUP_M row tiles: consecutive programs
+    share weight column tiles in the L2."""
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (tile // per_group) * GROUP_M
+    rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (tile % per_group) % rows, (tile % per_group) // rows
+
+
+@triton.jit
+def _int8_epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, HAS_BIAS: tl.constexpr):
+    xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+    ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+    t = (acc.to(tl.float32) * xs[:, None]) * ws[None, :]
+    if HAS_BIAS:
+        t = t + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], t.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _int8_linear_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, HAS_BIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # 1-D grid in groups of GROUP_M row tiles: consecutive programs share weight column tiles in the L2
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -88,13 +109,26 @@ def _int8_linear_kernel(x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, H
         a = tl.load(x_rows + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
         b = tl.load(w_cols + kk[:, None], mask=(kk[:, None] < K) & (rn[None, :] < N), other=0)
         acc += tl.dot(a, b, out_dtype=tl.int32)
-    xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-    ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-    t = (acc.to(tl.float32) * xs[:, None]) * ws[None, :]
-    if HAS_BIAS:
-        t = t + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rm[:, None] < M) & (rn[None, :] < N)
-    tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], t.to(out_ptr.dtype.element_ty), mask=mask)
+    _int8_epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, HAS_BIAS)
+
+
+@triton.jit
+def _int8_linear_tma_kernel(x_desc, w_desc, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, K, PROGRAMS,
+                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    """Persistent W8A8 (sm_90+): PROGRAMS programs walk the output tiles; operand tiles arrive by TMA (host
+    tensor descriptors, out-of-bounds parts read as zeros), int8 wgmma, the same epilogue as above."""
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), tiles, PROGRAMS):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a = x_desc.load([pid_m * BLOCK_M, k0])
+            b = w_desc.load([pid_n * BLOCK_N, k0])
+            acc += tl.dot(a, b.T, out_dtype=tl.int32)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        _int8_epilogue_store(acc, rm, rn, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, HAS_BIAS)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per M bucket. Not yet measured on a GPU: chosen by the tile
@@ -125,6 +159,18 @@ def w8a8_configs(M: int, capability: tuple[int, int]) -> list[tuple[int, int, in
     return list(_bucket(W8A8_CONFIGS_BIG if tuple(capability) in BIG_SMEM else W8A8_CONFIGS_SMALL, M))
 
 
+# The persistent TMA kernel's candidates (sm_90+; K % 16 == 0 and 16-byte aligned operands: TMA's rules); the
+# tuner times them with the pointer kernel's. No 16-row tile: a wgmma warpgroup covers 64 rows.
+W8A8_TMA_CONFIGS = ((16, []), (64, [(64, 128, 128, 4, 4, "tma")]), (256, [(128, 128, 128, 8, 4, "tma")]),
+                    (None, [(128, 256, 128, 8, 3, "tma"), (128, 128, 128, 8, 4, "tma")]))
+
+
+def w8a8_tma_configs(M: int, K: int, capability: tuple[int, int], aligned: bool) -> list[tuple]:
+    if tuple(capability) < (9, 0) or K % 16 != 0 or K == 0 or not aligned or TensorDescriptor is None:
+        return []
+    return list(_bucket(W8A8_TMA_CONFIGS, M))
+
+
 def w8a16_config(M: int, capability: tuple[int, int], grouped: bool = False) -> tuple[int, int, int, int, int]:
     """Per-group scales add a [BLOCK_K, BLOCK_N] float32 tile to every stage: at most 3 stages then, 2 on 99 KB
     GPUs (Triton 3.9 for sm_86: 3 stages of 128 x 128 x 64 take 112 KB; for sm_80, 4 of 64 x 64 x 128 168 KB)."""
@@ -136,6 +182,12 @@ def w8a16_config(M: int, capability: tuple[int, int], grouped: bool = False) -> 
 def _capability(t: torch.Tensor) -> tuple[int, int]:
     """The device's compute capability; CPU tensors (interpreted GPU configurations in tests): sm_90's."""
     return torch.cuda.get_device_capability(t.device) if t.is_cuda else (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Programs of the persistent kernel: one per SM; CPU (interpreter tests): 3, so that programs loop."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 3
 
 
 _TUNED: dict = {}
@@ -173,7 +225,8 @@ def _interpreter_out(out, interpret: bool, gpu: bool):
 def int8_linear_launch(x, w, x_scale, w_scale, bias, out, *, interpret: bool, gpu_config: bool | None = None,
                        config: tuple | None = None) -> None:
     """gpu_config (default: not interpret): the GPU's tiles and in-kernel output cast (tests run it interpreted);
-    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of the tuned choice (benchmarks)."""
+    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, "tma"]) instead of the tuned choice (benchmarks,
+    tests); "tma": the persistent TMA kernel."""
     M, K = x.shape
     N = w.shape[0]
     if M == 0 or N == 0:
@@ -181,18 +234,29 @@ def int8_linear_launch(x, w, x_scale, w_scale, bias, out, *, interpret: bool, gp
     gpu = not interpret if gpu_config is None else gpu_config
     final, out = out, _interpreter_out(out, interpret, gpu)
 
+    b = bias if bias is not None else x_scale
+
     def run(c):
-        bm, bn, bk, warps, stages = c
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        bm, bn, bk, warps, stages = c[:5]
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
         # the interpreter ignores num_stages and enable_fp_fusion
-        _int8_linear_kernel[grid](x, w, x_scale, w_scale, bias if bias is not None else x_scale, out, M, N, K,
-                                  HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                                  num_stages=stages, enable_fp_fusion=False)
+        if len(c) == 6:  # "tma"
+            xd, wd = TensorDescriptor(x, [M, K], [K, 1], [bm, bk]), TensorDescriptor(w, [N, K], [K, 1], [bn, bk])
+            programs = min(tiles, _sm_count(x.device))
+            _int8_linear_tma_kernel[(programs,)](xd, wd, x_scale, w_scale, b, out, M, N, K, programs,
+                                                 HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                 num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+            return
+        _int8_linear_kernel[(tiles,)](x, w, x_scale, w_scale, b, out, M, N, K, HAS_BIAS=bias is not None,
+                                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+                                      enable_fp_fusion=False)
 
     if config is None and not gpu:
         config = INTERPRETER_CONFIG
     if config is None:
-        candidates = w8a8_configs(M, _capability(x))
+        cap = _capability(x)
+        aligned = x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+        candidates = w8a8_configs(M, cap) + w8a8_tma_configs(M, K, cap, aligned)
         # tuned where the GEMM is large enough for the tile to matter (>= 2^30 multiply-adds); M by power of 2
         big = not interpret and M * N * K >= 2**30
         key = (x.device, 1 << (M - 1).bit_length(), N, K, out.dtype, bias is not None)
