@@ -171,7 +171,8 @@ def bench_w8a16(rec, bench, ops, sfx, dev, n, m_list, g, triton_ok):
         # weight bytes streamed: bf16 F.linear reads 2 B per element, the int8 routes 1 B
         cases = [("bf16 F.linear", 2 * n * n, lambda i: F.linear(xm, w16[i])),
                  (f"fastdistill-{sfx}", n * n, lambda i: native(xm, w8[i], scale, None, 0)),
-                 ("dense (dequant+GEMM)", 3 * n * n, lambda i: int8_weight_only_linear_dense(xm, w8[i], scale, None, 0)),
+                 ("dense (dequant+GEMM)", 3 * n * n,
+                  lambda i: int8_weight_only_linear_dense(xm, w8[i], scale, None, 0)),
                  ("auto", n * n, lambda i: fastdistill.int8_weight_only_linear(xm, w8[i], scale))]
         if triton_ok:
             cases.insert(2, ("fastdistill-triton", n * n,
