@@ -1,7 +1,7 @@
 // The W8A8 CPU GEMM (layout, paths and exactness argument in csrc/include/fd_int8_gemm.h).
-// Blocking: M in chunks of MC rows; per chunk the rows are quantized/copied once into a shared A buffer (and
-// its u8 form derived while hot), then threads take groups of weight panels (a group stays in L2) and run
-// MR-row x 16-column tiles over the whole K; each tile's epilogue writes the output directly.
+// Blocking: M in chunks of at most 128 rows; per chunk the rows are quantized/copied once into a shared A buffer
+// (their u8 form derived while hot), then threads take weight panels (16 columns) and run MR-row tiles over K
+// blocks (the panel's block stays in L1 while the chunk's rows pass over it); the epilogue writes the output.
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
@@ -25,20 +25,21 @@ namespace {
 enum class Path { kScalar, kAvx2, kAvx2Swap, kVnni256, kVnni512 };
 constexpr int kLdc = 32;  // row stride of a tile's int32 results (up to two panels)
 
-// c[i * kLdc + j] = sum_k a[i, k] w[j, k] for rows i < mr and the np panels at wp, wp + pstride (16 columns each).
-// as: signed rows, au: their u8 form (|a| for avx2, a + 128 for vnni), cs: the panels' column sums.
-using TileFn = void (*)(int mr, const int8_t* as, const uint8_t* au, int64_t lda, const int8_t* wp,
-                        int64_t pstride, int64_t K4, const int32_t* cs, int32_t* c);
+// c[i * kLdc + j] (+)= sum_k a[i, k] w[j, k] over kc (a multiple of 4) values of k, for rows i < mr and the np
+// panels at wp, wp + pstride (16 columns each); accumulate: add to c, else overwrite it.
+// as: signed rows, au: their u8 form (|a| for avx2, a + 128 for vnni: the epilogue subtracts 128 * colsum).
+using TileFn = void (*)(int mr, const int8_t* as, const uint8_t* au, int64_t lda, const int8_t* wp, int64_t pstride,
+                        int64_t kc, bool accumulate, int32_t* c);
 
-void scalar_tile(int mr, const int8_t* as, const uint8_t*, int64_t lda, const int8_t* wp, int64_t, int64_t K4,
-                 const int32_t*, int32_t* c) {
+void scalar_tile(int mr, const int8_t* as, const uint8_t*, int64_t lda, const int8_t* wp, int64_t, int64_t kc,
+                 bool accumulate, int32_t* c) {
   for (int i = 0; i < mr; ++i) {
     int32_t s[kW8A8Panel] = {};
     const int8_t* a = as + i * lda;
-    for (int64_t k = 0; k < K4; k += 4)
+    for (int64_t k = 0; k < kc; k += 4)
       for (int j = 0; j < kW8A8Panel; ++j)
         for (int b = 0; b < 4; ++b) s[j] += int32_t(a[k + b]) * int32_t(wp[k * 16 + j * 4 + b]);
-    std::memcpy(c + i * kLdc, s, sizeof s);
+    for (int j = 0; j < kW8A8Panel; ++j) c[i * kLdc + j] = (accumulate ? c[i * kLdc + j] : 0) + s[j];
   }
 }
 
@@ -49,46 +50,57 @@ FD_AVX2 FD_INLINE __m256i bcast4(const void* p) {
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
 }
+FD_AVX2 FD_INLINE __m256i ld(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+FD_AVX2 FD_INLINE void st(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
 // kSwap = false: vpmaddubsw(|a|, sign(w, a)); true: vpmaddubsw(|w|, sign(a, w)). Pairs stay below 2^15.
+// Accumulators are named variables (an array of them made GCC spill inside the loop).
 template <int MR, bool kSwap>
-FD_AVX2 void avx2_tile(int, const int8_t* as, const uint8_t* au, int64_t lda, const int8_t* wp, int64_t, int64_t K4,
-                       const int32_t*, int32_t* c) {
-  __m256i acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+FD_AVX2 void avx2_tile(int, const int8_t* as, const uint8_t* au, int64_t lda, const int8_t* wp, int64_t, int64_t kc,
+                       bool accumulate, int32_t* c) {
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t k = 0; k < K4; k += 4) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 16));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 16 + 32));
-    if constexpr (kSwap) {
-      const __m256i u0 = _mm256_abs_epi8(w0), u1 = _mm256_abs_epi8(w1);
-      for (int i = 0; i < MR; ++i) {
-        const __m256i s = bcast4(as + i * lda + k);
-        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(s, w0)), ones));
-        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(s, w1)), ones));
-      }
-    } else {
-      for (int i = 0; i < MR; ++i) {
-        const __m256i s = bcast4(as + i * lda + k), u = bcast4(au + i * lda + k);
-        acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(w0, s)), ones));
-        acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(w1, s)), ones));
-      }
+  const int8_t *a0 = as, *a1 = as + lda, *a2 = as + 2 * lda, *a3 = as + 3 * lda;
+  const uint8_t *u0 = au, *u1 = au + lda, *u2 = au + 2 * lda, *u3 = au + 3 * lda;
+  for (int64_t k = 0; k < kc; k += 4) {
+    const __m256i w0 = ld(wp + k * 16), w1 = ld(wp + k * 16 + 32);
+#define FD_ROW(A, U, X0, X1)                                                                                  \
+  {                                                                                                           \
+    const __m256i s = bcast4(A + k);                                                                          \
+    __m256i p0, p1;                                                                                           \
+    if constexpr (kSwap) {                                                                                    \
+      p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(s, w0));                                \
+      p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(s, w1));                                \
+    } else {                                                                                                  \
+      const __m256i u = bcast4(U + k);                                                                        \
+      p0 = _mm256_maddubs_epi16(u, _mm256_sign_epi8(w0, s));                                                  \
+      p1 = _mm256_maddubs_epi16(u, _mm256_sign_epi8(w1, s));                                                  \
+    }                                                                                                         \
+    X0 = _mm256_add_epi32(X0, _mm256_madd_epi16(p0, ones));                                                   \
+    X1 = _mm256_add_epi32(X1, _mm256_madd_epi16(p1, ones));                                                   \
+  }
+    FD_ROW(a0, u0, c00, c01)
+    if constexpr (MR > 1) FD_ROW(a1, u1, c10, c11)
+    if constexpr (MR > 2) FD_ROW(a2, u2, c20, c21)
+    if constexpr (MR > 3) FD_ROW(a3, u3, c30, c31)
+#undef FD_ROW
+  }
+  const __m256i r[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  for (int i = 0; i < MR; ++i)
+    for (int h = 0; h < 2; ++h) {
+      int32_t* o = c + i * kLdc + h * 8;
+      st(o, accumulate ? _mm256_add_epi32(ld(o), r[i][h]) : r[i][h]);
     }
-  }
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i * kLdc), acc[i][0]);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i * kLdc + 8), acc[i][1]);
-  }
 }
 
-// VNNI tiles: vpdpbusd(a + 128, w) then - 128 * colsum (int32 wraps cancel: the true sum fits int32).
+// VNNI tiles: vpdpbusd(a + 128, w), no int16 step (int32 wraps cancel with the colsum correction).
 template <int MR>
 __attribute__((target("avx2,avxvnni"))) void vnni256_tile(int, const int8_t*, const uint8_t* au, int64_t lda,
-                                                           const int8_t* wp, int64_t, int64_t K4, const int32_t* cs,
+                                                           const int8_t* wp, int64_t, int64_t kc, bool accumulate,
                                                            int32_t* c) {
   __m256i acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-  for (int64_t k = 0; k < K4; k += 4) {
+  for (int64_t k = 0; k < kc; k += 4) {
     const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 16));
     const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + k * 16 + 32));
     for (int i = 0; i < MR; ++i) {
@@ -99,22 +111,21 @@ __attribute__((target("avx2,avxvnni"))) void vnni256_tile(int, const int8_t*, co
       acc[i][1] = _mm256_dpbusd_avx_epi32(acc[i][1], u, w1);
     }
   }
-  const __m256i c0 = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cs)), 7);
-  const __m256i c1 = _mm256_slli_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(cs + 8)), 7);
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i * kLdc), _mm256_sub_epi32(acc[i][0], c0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + i * kLdc + 8), _mm256_sub_epi32(acc[i][1], c1));
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int h = 0; h < 2; ++h) {
+      __m256i* o = reinterpret_cast<__m256i*>(c + i * kLdc + h * 8);
+      _mm256_storeu_si256(o, accumulate ? _mm256_add_epi32(_mm256_loadu_si256(o), acc[i][h]) : acc[i][h]);
+    }
 }
 
 template <int MR, int NP>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni512_tile(int, const int8_t*, const uint8_t* au,
                                                                          int64_t lda, const int8_t* wp, int64_t pstride,
-                                                                         int64_t K4, const int32_t* cs, int32_t* c) {
+                                                                         int64_t kc, bool accumulate, int32_t* c) {
   __m512i acc[MR][NP];
   for (int i = 0; i < MR; ++i)
     for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_setzero_si512();
-  for (int64_t k = 0; k < K4; k += 4) {
+  for (int64_t k = 0; k < kc; k += 4) {
     __m512i w[NP];
     for (int p = 0; p < NP; ++p) w[p] = _mm512_loadu_si512(wp + p * pstride + k * 16);
     for (int i = 0; i < MR; ++i) {
@@ -124,10 +135,11 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni512_tile(int, co
       for (int p = 0; p < NP; ++p) acc[i][p] = _mm512_dpbusd_epi32(acc[i][p], u, w[p]);
     }
   }
-  for (int p = 0; p < NP; ++p) {
-    const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(cs + p * 16), 7);
-    for (int i = 0; i < MR; ++i) _mm512_storeu_si512(c + i * kLdc + p * 16, _mm512_sub_epi32(acc[i][p], corr));
-  }
+  for (int i = 0; i < MR; ++i)
+    for (int p = 0; p < NP; ++p) {
+      int32_t* o = c + i * kLdc + p * 16;
+      _mm512_storeu_si512(o, accumulate ? _mm512_add_epi32(_mm512_loadu_si512(o), acc[i][p]) : acc[i][p]);
+    }
 }
 #endif
 
@@ -163,16 +175,21 @@ TileFn tile_for(Path p, int mr, int np) {
 // ---- epilogue of one tile: t = ((float)acc * xs[m]) * ws[n] (+ bias[n]) -> O, the order of int8_linear_epilogue ----
 
 template <typename O>
-void store_tile(const int32_t* c, int rows, int cols, const float* xs, const float* ws, const float* bias, O* out,
-                int64_t ldo) {
+void store_tile(const int32_t* c, int rows, int cols, const int32_t* colsum, const float* xs, const float* ws,
+                const float* bias, O* out, int64_t ldo) {
+  int32_t corr[2 * kW8A8Panel] = {};
+  if (colsum != nullptr)  // vnni: sum (a + 128) w - 128 colsum, in wrapping uint32 arithmetic
+    for (int j = 0; j < cols; ++j) corr[j] = int32_t(uint32_t(colsum[j]) << 7);
   for (int i = 0; i < rows; ++i) {
     const float x = xs[i];
     const int32_t* ci = c + i * kLdc;
     O* o = out + i * ldo;
     if (bias != nullptr) {
-      for (int j = 0; j < cols; ++j) o[j] = static_cast<O>((static_cast<float>(ci[j]) * x) * ws[j] + bias[j]);
+      for (int j = 0; j < cols; ++j)
+        o[j] = static_cast<O>((static_cast<float>(int32_t(uint32_t(ci[j]) - uint32_t(corr[j]))) * x) * ws[j] + bias[j]);
     } else {
-      for (int j = 0; j < cols; ++j) o[j] = static_cast<O>((static_cast<float>(ci[j]) * x) * ws[j]);
+      for (int j = 0; j < cols; ++j)
+        o[j] = static_cast<O>((static_cast<float>(int32_t(uint32_t(ci[j]) - uint32_t(corr[j]))) * x) * ws[j]);
     }
   }
 }
@@ -249,9 +266,9 @@ Path base_path() {
 
 // ---- the driver ----
 
-constexpr int64_t kChunkBytes = int64_t(1) << 20;  // A buffer per chunk (signed + u8 rows)
-constexpr int64_t kGroupBytes = int64_t(192) << 10;  // weight panels one task keeps in L2
-constexpr int64_t kSerialMacs = int64_t(1) << 21;    // below this a call runs on the calling thread
+constexpr int64_t kMaxChunk = 128;                    // rows of A per chunk (a task's int32 tiles: 16 KiB)
+constexpr int64_t kChunkBytes = int64_t(1) << 20;     // A buffer per chunk (signed + u8 rows)
+constexpr int64_t kSerialMacs = int64_t(1) << 21;     // below this a call runs on the calling thread
 
 template <typename F>
 void run_tasks(bool parallel, int64_t n, const F& body) {
@@ -271,12 +288,13 @@ void gemm_typed(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K
   const int8_t* wpack = reinterpret_cast<const int8_t*>(payload);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(payload + w8a8_n16(N) * K4);
   const bool parallel = M * N * std::max<int64_t>(K, 1) >= kSerialMacs && at::get_num_threads() > 1;
+  const bool vnni = base == Path::kVnni256 || base == Path::kVnni512;
   // avx2 with a -128 weight: the swapped form if A has no -128, else scalar (decided per chunk after the fill)
   const bool swap_or_scalar = base == Path::kAvx2 && (flags & kW8A8HasM128) != 0;
   const PathInfo info = path_info(base);
-  const int64_t mc = std::max<int64_t>(info.mr, std::min(M, kChunkBytes / (2 * lda)) / info.mr * info.mr);
-  const int64_t group = std::max<int64_t>(1, kGroupBytes / (kW8A8Panel * lda) / info.np * info.np);
-  const int64_t tasks = (panels + group - 1) / group;
+  const int64_t mc = std::max<int64_t>(info.mr, std::min({M, kMaxChunk, kChunkBytes / (2 * lda)}) / info.mr * info.mr);
+  // K blocks: a panel's block (16 x kc bytes per panel) stays in L1 while the chunk's rows pass over it
+  const int64_t kc = std::min<int64_t>(K4, base == Path::kVnni512 ? 512 : 1024);
   // one buffer per calling thread, reused across calls (no allocation per call once grown)
   thread_local std::vector<uint8_t> buf;
   const size_t need = size_t(mc) * (2 * lda + sizeof(float)) + 64;
@@ -297,26 +315,32 @@ void gemm_typed(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K
         std::memset(s + K, 0, lda - K);
         if (base == Path::kAvx2 && !swap_or_scalar) {
           for (int64_t k = 0; k < lda; ++k) u[k] = uint8_t(s[k] < 0 ? -int(s[k]) : s[k]);  // |-128| = 128
-        } else if (base == Path::kVnni256 || base == Path::kVnni512) {
+        } else if (vnni) {
           for (int64_t k = 0; k < lda; ++k) u[k] = uint8_t(s[k]) ^ 0x80u;  // a + 128
         }
       }
     });
     const Path path = !swap_or_scalar ? base : a_m128.load() ? Path::kScalar : Path::kAvx2Swap;
     const PathInfo pi = path_info(path);
-    run_tasks(parallel, tasks, [&](int64_t t) {
-      const int64_t p0 = t * group, p1 = std::min(panels, p0 + group);
-      alignas(64) int32_t c[8 * kLdc];
-      for (int64_t r = 0; r < rows_n; r += pi.mr) {
-        const int mr = int(std::min<int64_t>(pi.mr, rows_n - r));
-        for (int64_t p = p0; p < p1; p += pi.np) {
-          const int np = int(std::min<int64_t>(pi.np, p1 - p));
-          tile_for(path, mr, np)(mr, as + r * lda, au + r * lda, lda, wpack + p * kW8A8Panel * K4,
-                                 kW8A8Panel * K4, K4, colsum + p * kW8A8Panel, c);
-          const int64_t n0 = p * kW8A8Panel;
-          const int cols = int(std::min<int64_t>(np * kW8A8Panel, N - n0));
-          store_tile(c, mr, cols, xs + r, ws + n0, bias == nullptr ? nullptr : bias + n0, out + (m0 + r) * N + n0, N);
+    run_tasks(parallel, (panels + pi.np - 1) / pi.np, [&](int64_t t) {
+      const int64_t p = t * pi.np;
+      const int np = int(std::min<int64_t>(pi.np, panels - p));
+      alignas(64) int32_t c[kMaxChunk * kLdc];
+      const int8_t* wp = wpack + p * kW8A8Panel * K4;
+      for (int64_t k0 = 0; k0 < K4; k0 += kc) {
+        const int64_t kn = std::min(kc, K4 - k0);
+        for (int64_t r = 0; r < rows_n; r += pi.mr) {
+          const int mr = int(std::min<int64_t>(pi.mr, rows_n - r));
+          tile_for(path, mr, np)(mr, as + r * lda + k0, au + r * lda + k0, lda, wp + k0 * kW8A8Panel,
+                                 kW8A8Panel * K4, kn, k0 > 0, c + r * kLdc);
         }
+      }
+      if (K4 == 0) std::memset(c, 0, sizeof(int32_t) * rows_n * kLdc);
+      const int64_t n0 = p * kW8A8Panel;
+      const int cols = int(std::min<int64_t>(np * kW8A8Panel, N - n0));
+      for (int64_t r = 0; r < rows_n; r += 8) {
+        store_tile(c + r * kLdc, int(std::min<int64_t>(8, rows_n - r)), cols, vnni ? colsum + n0 : nullptr, xs + r,
+                   ws + n0, bias == nullptr ? nullptr : bias + n0, out + (m0 + r) * N + n0, N);
       }
     });
   }
