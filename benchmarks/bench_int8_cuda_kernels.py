@@ -10,7 +10,8 @@ tables in fastdistill/ops/int8_linear.py and int8_weight_only_linear.py cite).
   kernel's first tile (sm_90+) and the tuned choice among all candidates;
   and the auto route (quantize_per_token + int8_linear).
 - W8A16 (int8_weight_only_linear, per channel) at M = 1, 16, 64, 256, 1024, 4096, N = K = 8192: bf16 F.linear,
-  the cuda kernel, the Triton kernel, dense (dequantize pass + cuBLAS; the pass alone too) and auto; at
+  the cuda kernel, the Triton kernel (default and with swapped operands), dense (dequantize pass + cuBLAS; the
+  pass alone too) and auto; at
   M <= 16 also per call inside a CUDA graph of 20 calls (a decode loop), which leaves out the launch gap.
 Ratios (speedup_vs_torch) are against bf16 F.linear at the same shape, measured in the same run. Times are
 medians of triton.testing.do_bench on random data. Writes <csv-dir>/int8_cuda_kernels_<device>.csv.
@@ -157,6 +158,7 @@ def bench_w8a8(rec, bench, ops, sfx, dev, n, m_list, g, triton_ok):
 
 def bench_w8a16(rec, bench, ops, sfx, dev, n, m_list, g, triton_ok):
     import fastdistill
+    from fastdistill.kernels import int8_linear as kern
     from fastdistill.ops.int8_weight_only_linear import dequantize_weight, int8_weight_only_linear_dense
 
     bf = torch.bfloat16
@@ -175,8 +177,13 @@ def bench_w8a16(rec, bench, ops, sfx, dev, n, m_list, g, triton_ok):
                   lambda i: int8_weight_only_linear_dense(xm, w8[i], scale, None, 0)),
                  ("auto", n * n, lambda i: fastdistill.int8_weight_only_linear(xm, w8[i], scale))]
         if triton_ok:
-            cases.insert(2, ("fastdistill-triton", n * n,
-                             lambda i: fastdistill.int8_weight_only_linear(xm, w8[i], scale, backend="triton")))
+            swap_cfg = kern.w8a16_config(m, torch.cuda.get_device_capability(), swap=True)
+            swap_out = torch.empty(m, n, device=dev, dtype=bf)
+            cases[2:2] = [("fastdistill-triton", n * n,
+                           lambda i: fastdistill.int8_weight_only_linear(xm, w8[i], scale, backend="triton")),
+                          ("triton swapped operands", n * n,
+                           lambda i: kern.int8_weight_only_linear_launch(xm, w8[i], scale, None, swap_out, 0,
+                                                                         interpret=False, config=swap_cfg))]
         modes = [("", lambda fn: bench(lambda: fn(0)))]
         if dev == "cuda" and m <= 16:
             modes.append((" (graph)", lambda fn: graph_ms(bench, fn, copies)))

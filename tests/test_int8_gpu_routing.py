@@ -66,7 +66,7 @@ def test_gpu_configs_fit_shared_memory(cap):
         for bm, bn, bk, warps, stages in k.w8a8_configs(M, cap):
             assert stages * (bm * bk + bk * bn) <= SMEM[cap], (M, cap, bm, bn, bk, stages)
             assert warps in (4, 8) and bm >= 16 and bn >= 16 and bk >= 32
-        bm, bn, bk, warps, stages = k.w8a16_config(M, cap)
+        bm, bn, bk, warps, stages = k.w8a16_config(M, cap)  # (the compile test below checks every kernel exactly)
         assert stages * (2 * bm * bk + bk * bn) + 2 * bk * bn <= SMEM[cap], (M, cap)
 
 
@@ -146,6 +146,22 @@ def test_triton_dequantize_kernel(dtype, group_size, seed):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("M", [5, 40])  # the 16- and 64-token swapped tiles (GPU configurations)
+@pytest.mark.parametrize("group_size", [0, 20])
+def test_w8a16_swapped_kernel(M, group_size, seed):
+    """fp16 x: the interpreter has no bf16 matmul (test_int8_gpu_config.py says why); same code path."""
+    g = _gen(seed)
+    K, N = 200, 130
+    q, s = quantize_weight_ref(torch.randn(N, K, generator=g), group_size)
+    x, bias = torch.randn(M, K, generator=g).half(), torch.randn(N, generator=g)
+    out = torch.full((M, N), float("nan"), dtype=torch.float16)
+    cfg = k.w8a16_config(M, (9, 0), group_size > 0, swap=True)
+    k.int8_weight_only_linear_launch(x, q, s, bias, out, group_size, interpret=True, gpu_config=True, config=cfg)
+    oracle = int8_weight_only_linear_f64(x, q, s, bias, group_size)
+    assert_close_to_oracle(out, oracle, int8_weight_only_linear_ref(x, q, s, bias, group_size), msg=str(cfg))
+
+
+@needs_interpreter
 def test_w8a8_grouped_grid_covers_every_tile(seed):
     """16-row interpreter tiles: 10 row tiles (a full group of 8 + a partial one of 2) x 3 column tiles; a wrong
     tile mapping leaves poisoned (NaN) tiles or writes one twice."""
@@ -201,6 +217,10 @@ def test_gpu_w8a16_auto_and_every_route(M, dtype, seed):
     for backend in ("auto", "cuda", "triton"):
         out = int8_weight_only_linear(*args, backend=backend).cpu()
         assert_close_to_oracle(out, oracle, ref, roundings=2, msg=backend)
+    swapped = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+    k.int8_weight_only_linear_launch(args[0].view(M, K), args[1], args[2], args[3], swapped, 0, interpret=False,
+                                     config=k.w8a16_config(M, torch.cuda.get_device_capability(), swap=True))
+    assert_close_to_oracle(swapped.cpu().view(1, M, N), oracle, ref, roundings=2, msg="swap")
     dense = int8_weight_only_linear_dense(args[0].reshape(-1, K), *args[1:3], args[3], 0).cpu().view(1, M, N)
     assert_close_to_oracle(dense, oracle, ref, roundings=2, msg="dense")
     w = dequantize_weight(args[1], args[2], 0, dtype)  # the Triton dequantization: round to nearest even on GPUs
@@ -263,12 +283,13 @@ for cc in (80, 86, 90):
             out.append(dict(cc=cc, kernel="w8a8", cfg=cfg, smem=smem, wgmma="wgmma" in ptx and ".s8" in ptx,
                             pipelined="cp.async" in ptx, fma="fma.rn.f32" in ptx))
         for grouped in (False, True):
-            cfg = k.w8a16_config(M, cap, grouped)
-            const = dict(PER_CHANNEL=not grouped, HAS_BIAS=True, IEEE=False, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
-                         BLOCK_K=cfg[2])
-            ptx, smem = compile_(k._weight_only_kernel, w8a16, const, cfg, cc)
-            out.append(dict(cc=cc, kernel="w8a16", cfg=cfg, smem=smem, wgmma="wgmma" in ptx,
-                            pipelined="cp.async" in ptx, fma=False))
+            for swap in (False, True):
+                cfg = k.w8a16_config(M, cap, grouped, swap)
+                const = dict(PER_CHANNEL=not grouped, HAS_BIAS=True, BLOCK_M=cfg[0], BLOCK_N=cfg[1], BLOCK_K=cfg[2])
+                fn = k._weight_only_swap_kernel if swap else k._weight_only_kernel
+                ptx, smem = compile_(fn, w8a16, const if swap else dict(const, IEEE=False), cfg, cc)
+                out.append(dict(cc=cc, kernel="w8a16", cfg=cfg, smem=smem, wgmma="wgmma" in ptx,
+                                pipelined="cp.async" in ptx, fma=False))
 for M in (64, 256, 8192):
     for cfg in k.w8a8_tma_configs(M, 8192, (9, 0), True):
         bm, bn, bk = cfg[:3]

@@ -146,6 +146,10 @@ W8A8_CONFIGS_SMALL = ((16, [(16, 64, 128, 4, 3)]), (64, [(64, 128, 128, 4, 3)]),
 # rows); large M is compute bound: 128 x 128 tiles, 8 warps.
 W8A16_CONFIGS = ((16, (16, 32, 128, 4, 4)), (64, (64, 64, 128, 4, 4)), (256, (64, 128, 64, 4, 4)),
                  (None, (128, 128, 64, 8, 3)))
+# The swapped-operand W8A16 kernel (a candidate the benchmark times against the default; unmeasured): tokens
+# are the wgmma's N side (16..256), weight rows its 64/128-row M side.
+W8A16_SWAP_CONFIGS = ((16, (16, 64, 128, 4, 4, "swap")), (64, (64, 64, 128, 4, 4, "swap")),
+                      (256, (128, 128, 64, 8, 3, "swap")), (None, (256, 128, 64, 8, 3, "swap")))
 INTERPRETER_CONFIG = (16, 32, 32, 4, 1)  # small tiles keep the interpreter fast
 BIG_SMEM = ((8, 0), (9, 0), (10, 0), (10, 3))
 
@@ -171,12 +175,12 @@ def w8a8_tma_configs(M: int, K: int, capability: tuple[int, int], aligned: bool)
     return list(_bucket(W8A8_TMA_CONFIGS, M))
 
 
-def w8a16_config(M: int, capability: tuple[int, int], grouped: bool = False) -> tuple[int, int, int, int, int]:
+def w8a16_config(M: int, capability: tuple[int, int], grouped: bool = False, swap: bool = False) -> tuple:
     """Per-group scales add a [BLOCK_K, BLOCK_N] float32 tile to every stage: at most 3 stages then, 2 on 99 KB
     GPUs (Triton 3.9 for sm_86: 3 stages of 128 x 128 x 64 take 112 KB; for sm_80, 4 of 64 x 64 x 128 168 KB)."""
-    bm, bn, bk, warps, stages = _bucket(W8A16_CONFIGS, M)
+    c = _bucket(W8A16_SWAP_CONFIGS if swap else W8A16_CONFIGS, M)
     big = tuple(capability) in BIG_SMEM
-    return bm, bn, bk, warps, min(stages, (3 if big else 2) if grouped else (stages if big else 3))
+    return c[:4] + (min(c[4], (3 if big else 2) if grouped else (c[4] if big else 3)),) + c[5:]
 
 
 def _capability(t: torch.Tensor) -> tuple[int, int]:
@@ -298,23 +302,60 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, GROUP, N_G
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _weight_only_swap_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, M, N, K, GROUP, N_GROUPS,
+                             PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """16-bit x only: out^T tile = dequantized w tile [BLOCK_N, BLOCK_K] . x^T tile [BLOCK_K, BLOCK_M], so the
+    converted weights are the dot's left operand, which sm_90's wgmma takes from registers (no shared-memory
+    round trip; seen in Triton 3.9's PTX), and 16-token tiles still fill a 64-row warpgroup tile."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        wmask = (rn[:, None] < N) & (kk[None, :] < K)
+        q = tl.load(w_ptr + rn.to(tl.int64)[:, None] * K + kk[None, :], mask=wmask, other=0)
+        xt = tl.load(x_ptr + rm.to(tl.int64)[None, :] * K + kk[:, None], mask=(kk[:, None] < K) & (rm[None, :] < M),
+                     other=0.0)
+        if not PER_CHANNEL:
+            q = q.to(tl.float32) * tl.load(s_ptr + rn.to(tl.int64)[:, None] * N_GROUPS + kk[None, :] // GROUP,
+                                           mask=wmask, other=0.0)
+        acc += tl.dot(q.to(xt.dtype), xt)
+    if PER_CHANNEL:
+        acc = acc * tl.load(s_ptr + rn, mask=rn < N, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[:, None]
+    mask = (rn[:, None] < N) & (rm[None, :] < M)
+    tl.store(out_ptr + rm.to(tl.int64)[None, :] * N + rn[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def int8_weight_only_linear_launch(x, w, w_scale, bias, out, group_size: int, *, interpret: bool,
-                                   gpu_config: bool | None = None) -> None:
+                                   gpu_config: bool | None = None, config: tuple | None = None) -> None:
     """gpu_config (default: not interpret): the GPU's tiles, dot precision and output cast. The interpreter
-    has no bf16 matmul (it would multiply the raw bits), so bf16 x needs IEEE fp32 dots when interpreted."""
+    has no bf16 matmul (it would multiply the raw bits), so bf16 x needs IEEE fp32 dots when interpreted.
+    config: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, "swap"]) instead of the default (benchmarks,
+    tests); "swap": the swapped-operand kernel (16-bit x)."""
     M, K = x.shape
     N = w.shape[0]
     if M == 0 or N == 0:
         return
     gpu = not interpret if gpu_config is None else gpu_config
     final, out = out, _interpreter_out(out, interpret, gpu)
-    bm, bn, bk, warps, stages = w8a16_config(M, _capability(x), group_size > 0) if gpu else INTERPRETER_CONFIG
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    if config is None:
+        config = w8a16_config(M, _capability(x), group_size > 0) if gpu else INTERPRETER_CONFIG
+    bm, bn, bk, warps, stages = config[:5]
     group = group_size if group_size else max(K, 1)
-    _weight_only_kernel[grid](x, w, w_scale, bias if bias is not None else w_scale, out, M, N, K, group,
-                              max(K // group, 1), PER_CHANNEL=group_size == 0, HAS_BIAS=bias is not None,
-                              IEEE=x.dtype.itemsize == 4 or not gpu, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                              num_warps=warps, num_stages=stages)
+    args = (x, w, w_scale, bias if bias is not None else w_scale, out, M, N, K, group, max(K // group, 1))
+    if len(config) == 6:  # "swap"
+        _weight_only_swap_kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm))](
+            *args, PER_CHANNEL=group_size == 0, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=warps, num_stages=stages)
+    else:
+        _weight_only_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            *args, PER_CHANNEL=group_size == 0, HAS_BIAS=bias is not None, IEEE=x.dtype.itemsize == 4 or not gpu,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     if out is not final:
         final.copy_(out)
 
