@@ -4,10 +4,12 @@
   divisions with div_rn (plain `/` is the approximate div.full.f32 on NVIDIA) and round-half-even by
   the 1.5 * 2^23 trick (exact for |v| <= 127), so the int8 bits match the other backends.
 - W8A8: int8 tl.dot into int32 accumulators, epilogue ((acc * x_scale) * w_scale) + bias in the same
-  kernel; launched with enable_fp_fusion=False so the epilogue is not contracted into FMAs.
+  kernel; launched with enable_fp_fusion=False so the epilogue is not contracted into FMAs. Two kernels
+  (L2-grouped tiles; a persistent TMA one for sm_90+) and per-M tiles, tuned once per shape bucket.
 - W8A16: int8 weight tiles loaded and dequantized in registers; per-channel scales applied once to
   the fp32 accumulator (the int8 values are exact in bf16/fp16, so the tensor-core dot loses nothing),
-  per-group scales applied to the weight tile before the dot.
+  per-group scales applied to the weight tile before the dot. A swapped-operand variant (candidate).
+- Weight dequantization to a float dtype in one pass (the dense W8A16 route's first half).
 """
 import functools
 
