@@ -215,13 +215,16 @@ def main():
     bench = timer(dev, args.reps)
     rec = Recorder(harness.environment(dev))
     g = torch.Generator(device=dev).manual_seed(0)
-    if "memory" not in args.skip:
-        bench_memory_ops(rec, bench, ops, sfx, dev, n, g)
-    if "w8a8" not in args.skip:
-        bench_w8a8(rec, bench, ops, sfx, dev, n, args.m_w8a8 or [16, 256, n], g, triton_ok)
-    if "w8a16" not in args.skip:
-        bench_w8a16(rec, bench, ops, sfx, dev, n, args.m_w8a16, g, triton_ok)
-    print("wrote", harness.write_csv(f"int8_cuda_kernels_{dev}", rec.rows, args.csv_dir))
+    sections = [("memory", lambda: bench_memory_ops(rec, bench, ops, sfx, dev, n, g)),
+                ("w8a8", lambda: bench_w8a8(rec, bench, ops, sfx, dev, n, args.m_w8a8 or [16, 256, n], g, triton_ok)),
+                ("w8a16", lambda: bench_w8a16(rec, bench, ops, sfx, dev, n, args.m_w8a16, g, triton_ok))]
+    path = None
+    for name, run in sections:
+        if name not in args.skip:
+            run()
+            # rewritten after every section: a run cut off by gpu_check's time limit keeps what it measured
+            path = harness.write_csv(f"int8_cuda_kernels_{dev}", rec.rows, args.csv_dir)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
