@@ -162,6 +162,27 @@ def test_w8a16_swapped_kernel(M, group_size, seed):
 
 
 @needs_interpreter
+def test_largest_m_bucket_gpu_configs(seed):
+    """M > 256 (test_int8_gpu_config.py runs the smaller buckets): W8A8 128 x 256 x 128 bitwise, W8A16 128 x 128 x 64
+    and the swapped 256-token tile (fp16) against the oracle."""
+    g = _gen(seed)
+    M, K, N = 300, 200, 130
+    x8 = torch.randint(-127, 128, (M, K), generator=g, dtype=torch.int8)
+    w8 = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+    xs, ws = torch.rand(M, generator=g) * 1e-2, torch.rand(N, generator=g) * 1e-2
+    out = torch.full((M, N), float("nan"))
+    k.int8_linear_launch(x8, w8, xs, ws, None, out, interpret=True, gpu_config=True)
+    assert torch.equal(out, int8_linear_ref(x8, xs, w8, ws))
+    q, s = quantize_weight_ref(torch.randn(N, K, generator=g), 0)
+    x = torch.randn(M, K, generator=g).half()
+    oracle, ref = int8_weight_only_linear_f64(x, q, s), int8_weight_only_linear_ref(x, q, s)
+    for cfg in (None, k.w8a16_config(M, (9, 0), swap=True)):
+        out = torch.full((M, N), float("nan"), dtype=torch.float16)
+        k.int8_weight_only_linear_launch(x, q, s, None, out, 0, interpret=True, gpu_config=True, config=cfg)
+        assert_close_to_oracle(out, oracle, ref, msg=str(cfg))
+
+
+@needs_interpreter
 def test_w8a8_grouped_grid_covers_every_tile(seed):
     """16-row interpreter tiles: 10 row tiles (a full group of 8 + a partial one of 2) x 3 column tiles; a wrong
     tile mapping leaves poisoned (NaN) tiles or writes one twice."""
