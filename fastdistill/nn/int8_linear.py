@@ -16,8 +16,15 @@ multiplies activations by 1 / s (buffer smooth_inv) before quantizing them. Fact
 
 The int8 kernels take float32/bf16/fp16 activations; a float64 model's layers compute in float32 (int8 is
 far coarser than either) and return float64.
+
+CPU: the layer keeps a packed copy of weight_int8 (the kernel's tile layout, fastdistill/ops/int8_*_packed.py) for
+its forwards, built when the weight is quantized, frozen, loaded or re-quantized, and rebuilt whenever weight_int8
+is replaced or edited in place (its version counter). The copy is a plain attribute, never in state_dict, dropped
+by pickling and deepcopy (rebuilt on the next forward): checkpoints keep the portable [N, K] int8 weight.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import nn
@@ -29,6 +36,39 @@ from fastdistill.reference.int8_linear import dequantize_weight_ref
 
 MODES = ("w8a8", "w8a16")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DICT_VERSION = 1  # the portable format: weight_int8 [N, K], weight_scale, smooth_inv, bias (+ weight)
+_PACKED_OPS: dict = {}  # mode -> (pack(w_int8, group_size), raw forward op) or None (extension without them)
+
+
+def _packed_ops(mode: str):
+    """The packed CPU ops of `mode` when the extension has them, else None (looked up once)."""
+    if mode not in _PACKED_OPS:
+        ops = None
+        try:
+            if mode == "w8a8":
+                from fastdistill.ops.int8_linear_packed import pack_w8a8
+                ops = (lambda w, g: pack_w8a8(w)), torch.ops.fastdistill.int8_linear_dynamic_cpu.default
+            else:
+                from fastdistill.ops.int8_weight_only_packed import pack_w8a16
+                ops = pack_w8a16, torch.ops.fastdistill.int8_weight_only_linear_packed_cpu.default
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(ops[1].name(), "CPU"):
+                ops = None
+        except (ImportError, AttributeError, RuntimeError):
+            ops = None
+        _PACKED_OPS[mode] = ops
+    return _PACKED_OPS[mode]
+
+
+def _packed_call(op, mode, x, packed, w_scale, bias, smooth_inv):
+    """The raw packed op on x [..., K] (arguments checked at pack time; float32 scale/bias/smooth_inv)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    if mode == "w8a8":
+        out = op(x2, packed, w_scale, bias, smooth_inv, x.dtype)
+    else:
+        out = op(x2, packed, w_scale, bias, smooth_inv)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def check_features(name: str, value) -> int:
@@ -64,17 +104,35 @@ def quantize_weight(w: torch.Tensor, group_size: int = 0, backend: str = "auto")
     return q.reshape(N, K), (s if not group_size else s.reshape(N, K // group_size))
 
 
+def checkpoint_errors(state_dict, prefix: str, local_metadata) -> list[str]:
+    """What makes a state dict not an Int8Linear checkpoint this version reads: a newer or unknown format version
+    (state_dict._metadata[layer]["version"]; absent: the unversioned format, the same as version 1), or a packed
+    weight (uint8) saved under a key: packed layouts depend on the build and CPU, checkpoints must not carry them."""
+    errors, where = [], f"state_dict._metadata[{prefix[:-1]!r}]['version']"
+    version = (local_metadata or {}).get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)
+                                or not 1 <= version <= STATE_DICT_VERSION):
+        errors.append(f"{where}: Int8Linear state_dict format version {version!r}, this fastdistill reads versions "
+                      f"1..{STATE_DICT_VERSION} (saved by a newer fastdistill? upgrade it)")
+    for key, t in state_dict.items():
+        if key.startswith(prefix) and "." not in key[len(prefix):] and isinstance(t, torch.Tensor) \
+                and t.dtype == torch.uint8:
+            errors.append(f"{key}: a uint8 tensor {tuple(t.shape)} looks like a packed CPU weight; packed weights "
+                          "are a per-process cache and are never saved: load the portable weight_int8 + weight_scale")
+    return errors
+
+
 class _StraightThrough(torch.autograd.Function):
     """Forward: the int8 kernels. Backward: as if the weight were its dequantized value (and, in W8A8,
     as if activation quantization were the identity). master is None for frozen layers (x only)."""
 
     @staticmethod
-    def forward(x, master, bias, w_int8, w_scale, mode, group_size, backend, validate):
-        return _int8_forward(x, w_int8, w_scale, bias, mode, backend, validate)
+    def forward(x, master, bias, w_int8, w_scale, mode, group_size, backend, validate, packed=None):
+        return _int8_forward(x, w_int8, w_scale, bias, mode, backend, validate, packed)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, master, bias, w_int8, w_scale, mode, group_size, backend, validate = inputs
+        x, master, bias, w_int8, w_scale, mode, group_size, backend, validate = inputs[:9]
         ctx.save_for_backward(x if master is not None else None, w_int8, w_scale)  # x only for d(master)
         ctx.group_size = group_size
         ctx.master_dtype = None if master is None else master.dtype
@@ -92,12 +150,15 @@ class _StraightThrough(torch.autograd.Function):
             dmaster = (dy2.t() @ x.reshape(-1, x.shape[-1]).float()).to(ctx.master_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2.sum(0)
-        return dx, dmaster, dbias, None, None, None, None, None, None
+        return dx, dmaster, dbias, None, None, None, None, None, None, None
 
 
-def _int8_forward(x, w_int8, w_scale, bias, mode, backend, validate=False):
+def _int8_forward(x, w_int8, w_scale, bias, mode, backend, validate=False, packed=None):
     if x.dtype not in KERNEL_DTYPES:  # float64: computed in float32, returned in x's dtype
-        return _int8_forward(x.float(), w_int8, w_scale, bias, mode, backend, validate).to(x.dtype)
+        return _int8_forward(x.float(), w_int8, w_scale, bias, mode, backend, validate, packed).to(x.dtype)
+    if packed is not None:  # CPU, packed weight current: the same bits (w8a8) as the two calls below
+        b = None if bias is None else bias.detach().float()
+        return _packed_call(_packed_ops(mode)[1], mode, x.detach(), packed, w_scale, b, None)
     if mode == "w8a16":
         return int8_weight_only_linear(x, w_int8, w_scale, bias, backend=backend, validate=validate)
     xq, xs = quantize_per_token(x, backend=backend, validate=validate)
@@ -109,6 +170,8 @@ class Int8Linear(nn.Module):
     int32 accumulation) or "w8a16" (per-channel or per-group weights, float activations).
     validate=True refuses inf/NaN activations (ValueError, one host sync per call); by default a row with
     inf/NaN gives a non-finite output row."""
+
+    _version = STATE_DICT_VERSION  # recorded in state_dict._metadata; load_state_dict refuses newer versions
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mode: str = "w8a8",
                  group_size: int | None = None, trainable: bool = False, smooth: bool = False,
@@ -140,6 +203,7 @@ class Int8Linear(nn.Module):
         else:
             self.register_buffer("bias", b)
         self._qversion = None
+        self._packed = self._pack_key = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "w8a8", *, group_size: int | None = None,
@@ -170,6 +234,34 @@ class Int8Linear(nn.Module):
         q, s = quantize_weight(w, self.group_size, self.backend)
         self.weight_int8.copy_(q)
         self.weight_scale.copy_(s)
+        self._pack()
+
+    def _pack(self) -> None:
+        """Packs weight_int8 for the CPU kernels (once per weight version); no packed copy where they can't run."""
+        if torch.compiler.is_compiling():  # compiled forwards take the unpacked ops; eager re-checks the version
+            return
+        self._packed = self._pack_key = None
+        w, ops = self.weight_int8, _packed_ops(self.mode)
+        if ops is None or w.device.type != "cpu" or w.is_inference():  # inference tensors: no version counter
+            return
+        with torch.no_grad():
+            self._packed = ops[0](w, self.group_size)
+        self._pack_key = (w, w._version)
+
+    def _packed_weight(self, x: torch.Tensor):
+        """The packed weight when the packed CPU kernels serve this call (rebuilt if weight_int8 was replaced or
+        edited in place), else None: other devices and backends, validate=True, torch.compile."""
+        if x.device.type != "cpu" or self.validate or torch.compiler.is_compiling():
+            return None
+        backend = self.backend if self.backend != "auto" else os.environ.get("FASTDISTILL_BACKEND") or "auto"
+        if backend not in ("auto", "cpu"):
+            return None
+        key, w = self._pack_key, self.weight_int8
+        if key is None or key[0] is not w or key[1] != w._version:
+            if w.device.type != "cpu" or w.is_inference():
+                return None
+            self._pack()
+        return self._packed
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the int8 layer multiplies by (smoothing undone)."""
@@ -197,6 +289,7 @@ class Int8Linear(nn.Module):
         for name in ("weight_int8", "weight_scale", "smooth_inv", "bias"):
             if getattr(out, name) is not None:
                 getattr(out, name).copy_(getattr(self, name))
+        out._pack()
         return out
 
     def _refresh(self) -> None:
@@ -208,21 +301,47 @@ class Int8Linear(nn.Module):
                 self._qversion = self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trainable:
+            self._refresh()
+        packed = self._packed_weight(x)
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.trainable)
+        if packed is not None and not grad and x.dtype in KERNEL_DTYPES:
+            # the inference fast path: one fused call (smoothing, quantization, GEMM, epilogue), no autograd
+            w_scale, bias, inv = self.weight_scale, self.bias, self.smooth_inv
+            if (w_scale.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+                    and (inv is None or inv.dtype == torch.float32)):
+                if x.shape[-1] != self.in_features:
+                    raise ValueError(f"x: expected [..., {self.in_features}], got {tuple(x.shape)}")
+                return _packed_call(_packed_ops(self.mode)[1], self.mode, x, packed, w_scale, bias, inv)
         if self.smooth_inv is not None:
             x = x * self.smooth_inv.to(x.dtype)
         # .float(): a no-op unless model.to(float64/bf16/fp16) converted the scale buffer
         w_scale = self.weight_scale.float()
         if not self.trainable:
-            if self.mode == "w8a16" or not (x.requires_grad and torch.is_grad_enabled()):  # w8a16: exact dx
+            if self.mode == "w8a16" or not grad:  # w8a16: exact dx through int8_weight_only_linear
+                if packed is not None and not grad:
+                    return _int8_forward(x, self.weight_int8, w_scale, self.bias, self.mode, self.backend,
+                                         self.validate, packed)
                 return _int8_forward(x, self.weight_int8, w_scale, self.bias, self.mode, self.backend, self.validate)
             return _StraightThrough.apply(x, None, self.bias, self.weight_int8, w_scale, self.mode, self.group_size,
-                                          self.backend, self.validate)
-        self._refresh()
+                                          self.backend, self.validate, packed)
         return _StraightThrough.apply(x, self.weight, self.bias, self.weight_int8, w_scale, self.mode,
-                                      self.group_size, self.backend, self.validate)
+                                      self.group_size, self.backend, self.validate, packed)
+
+    def __getstate__(self):
+        # deepcopy / pickle / torch.save of the module: the packed copy is a per-process cache, rebuilt on use
+        state = dict(self.__dict__)
+        state["_packed"] = state["_pack_key"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_packed", None)  # a module pickled before the packed cache existed
+        self.__dict__.setdefault("_pack_key", None)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        error_msgs.extend(checkpoint_errors(state_dict, prefix, local_metadata))
         # Shape mismatches are reported by nn.Module; a dtype mismatch would be silently cast by copy_.
         for name, dtype in (("weight_int8", torch.int8), ("weight_scale", torch.float32)):
             t = state_dict.get(prefix + name)
@@ -237,6 +356,7 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._qversion = None
+        self._pack()
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
