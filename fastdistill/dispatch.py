@@ -84,13 +84,14 @@ NATIVE_FAMILY = {"fused_linear_distill_loss": "distill_loss",
 
 _ALL = ("triton", "cuda", "cpu", "reference")
 # Which backends each op has. The 2:4 linear also runs PyTorch's cuSPARSELt GEMM ("cusparselt") and
-# decompress + dense GEMM ("dense").
+# decompress + dense GEMM ("dense"); W8A16 has dequantize + dense GEMM ("dense": auto's route at large M on CUDA).
 OP_BACKENDS = {"distill_loss": _ALL, "fused_linear_distill_loss": _ALL,
                "topk_distill_loss": _ALL, "fused_linear_topk_distill_loss": _ALL,
                "sampled_distill_loss": _ALL, "fused_linear_sampled_distill_loss": _ALL,
                "block_sparse_linear": _ALL,
                "semi_structured_linear": ("triton", "cuda", "cpu", "cusparselt", "dense", "reference"),
-               "quantize_per_token": _ALL, "int8_linear": _ALL, "int8_weight_only_linear": _ALL}
+               "quantize_per_token": _ALL, "int8_linear": _ALL,
+               "int8_weight_only_linear": ("triton", "cuda", "cpu", "dense", "reference")}
 OPS = tuple(OP_BACKENDS)
 
 

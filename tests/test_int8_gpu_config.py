@@ -60,7 +60,7 @@ def test_quantize_per_token_gpu_config(K, dtype, seed):
     assert torch.equal(q, qr) and torch.equal(_bits(s), _bits(sr))
 
 
-@pytest.mark.parametrize("M", [5, 40, 130])  # the three GPU tile shapes: 16x64x128, 64x128x128, 128x128x64
+@pytest.mark.parametrize("M", [5, 40, 130])  # one M per GPU tile bucket (tables in kernels/int8_linear.py)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_int8_linear_gpu_config(M, out_dtype, seed):
     """int8 tl.dot with int32 accumulators runs in the interpreter (numpy int8 matmul into int32)."""
