@@ -228,3 +228,27 @@ def test_explicit_other_backend_keeps_its_path(monkeypatch):
     with torch.no_grad():
         auto(_x(3, 40))
     assert not calls
+
+
+@needs_w8a8
+def test_ddp_single_process(tmp_path):
+    """DDP broadcasts buffers in place (copy_): the packed copy follows; the training step matches plain autograd."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = nn.Sequential(_layer(smooth=True, trainable=True), nn.ReLU(), _layer(24, 8, seed=3))
+        plain = copy.deepcopy(model)
+        ddp = DDP(model)
+        x = _x(6, 40)
+        ddp(x).sum().backward()
+        plain(x).sum().backward()
+        for p1, p2 in zip(model.parameters(), plain.parameters()):
+            assert torch.equal(p1.grad, p2.grad)
+        with torch.no_grad():
+            model[2].weight_int8.copy_(_layer(24, 8, seed=4).weight_int8)  # as a buffer broadcast writes it
+            assert torch.equal(ddp(x), nn.Sequential(*[_unpacked(m) if isinstance(m, Int8Linear) else m
+                                                       for m in model])(x))
+    finally:
+        dist.destroy_process_group()
