@@ -63,6 +63,7 @@ FD_AVX2 void avx2_tile(int, const int8_t* as, const uint8_t* au, int64_t lda, co
   const int8_t *a0 = as, *a1 = as + lda, *a2 = as + 2 * lda, *a3 = as + 3 * lda;
   const uint8_t *u0 = au, *u1 = au + lda, *u2 = au + 2 * lda, *u3 = au + 3 * lda;
   for (int64_t k = 0; k < kc; k += 4) {
+    if constexpr (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(wp + k * 16 + 1024), _MM_HINT_T0);  // GEMV: stream
     const __m256i w0 = ld(wp + k * 16), w1 = ld(wp + k * 16 + 32);
 #define FD_ROW(A, U, X0, X1)                                                                                  \
   {                                                                                                           \
@@ -266,6 +267,17 @@ Path base_path() {
 
 // ---- the driver ----
 
+// The u8 forms of a row of A (restrict + simd: the byte loops vectorize).
+FD_CLONES void abs_bytes(const int8_t* __restrict s, uint8_t* __restrict u, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) u[k] = uint8_t(s[k] < 0 ? -int(s[k]) : int(s[k]));  // |-128| = 128
+}
+
+FD_CLONES void shift_bytes(const int8_t* __restrict s, uint8_t* __restrict u, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) u[k] = uint8_t(s[k]) ^ 0x80u;  // a + 128
+}
+
 constexpr int64_t kMaxChunk = 128;                    // rows of A per chunk (a task's int32 tiles: 16 KiB)
 constexpr int64_t kChunkBytes = int64_t(1) << 20;     // A buffer per chunk (signed + u8 rows)
 constexpr int64_t kSerialMacs = int64_t(1) << 21;     // below this a call runs on the calling thread
@@ -314,9 +326,9 @@ void gemm_typed(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K
         uint8_t* u = au + r * lda;
         std::memset(s + K, 0, lda - K);
         if (base == Path::kAvx2 && !swap_or_scalar) {
-          for (int64_t k = 0; k < lda; ++k) u[k] = uint8_t(s[k] < 0 ? -int(s[k]) : s[k]);  // |-128| = 128
+          abs_bytes(s, u, lda);
         } else if (vnni) {
-          for (int64_t k = 0; k < lda; ++k) u[k] = uint8_t(s[k]) ^ 0x80u;  // a + 128
+          shift_bytes(s, u, lda);
         }
       }
     });
