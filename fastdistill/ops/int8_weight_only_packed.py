@@ -1,0 +1,109 @@
+"""fastdistill.int8_weight_only_linear_packed: CPU W8A16 on an int8 weight packed once (issue 14).
+
+    pack_w8a16(w_int8, group_size=0) -> w_packed   a uint8 tensor: header + panels of 8 output channels
+                                                   ([ceil(N / 8)][K][8], csrc/include/fd_int8_w8a16.h)
+    int8_weight_only_linear_packed(x, w_packed, w_scale, bias, smooth_inv)
+        int8_weight_only_linear's result (fp32 accumulation, within the tolerance table; deterministic, the same
+        bits for any thread count) with x * smooth_inv.to(x.dtype) (rounded to x's dtype) in place of x.
+Custom ops: fastdistill::int8_pack_w8a16_cpu, fastdistill::int8_weight_only_linear_packed_cpu (C++, CPU only).
+Forward-only inference kernels: Int8Linear owns autograd and keeps the portable int8 weight (the packed tensor is
+never saved). FASTDISTILL_INT8_CPU_PATH=scalar forces the scalar tiles (the AVX2 tiles give the same bits).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from fastdistill import _ext
+from fastdistill.ops.common import check_float, contiguous_rows, native, register_native
+from fastdistill.ops.int8_linear import OUT_DTYPES, check_bias, check_int8
+
+PACK_HEADER_BYTES = 64
+PANEL = 8  # output channels per panel of the packed layout
+
+
+def packed_w8a16_bytes(N: int, K: int) -> int:
+    """Size of pack_w8a16's result for w_int8 [N, K]: header + panels of 8 channels x K."""
+    return PACK_HEADER_BYTES + -(-N // PANEL) * PANEL * K
+
+
+def _fake_pack(w_int8, group_size):
+    return w_int8.new_empty((packed_w8a16_bytes(w_int8.shape[0], w_int8.shape[1]),), dtype=torch.uint8)
+
+
+def _fake_linear(x, w_packed, w_scale, bias, smooth_inv):
+    return x.new_empty((x.shape[0], w_scale.shape[0]))
+
+
+register_native(("int8_pack_w8a16_cpu",), _fake_pack)
+register_native(("int8_weight_only_linear_packed_cpu",), _fake_linear)
+
+_EXT_ERROR = _ext.load_error()  # read once at import (a cached call inside a torch.compile trace warns)
+
+
+def _require_ext(op: str) -> None:
+    if _EXT_ERROR is not None:
+        raise RuntimeError(f"{op}: needs the compiled extension fastdistill._C ({_EXT_ERROR})")
+
+
+def _check_cpu(name: str, t: torch.Tensor) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"{name}: expected a CPU tensor (packed int8 weights are CPU-only), got {t.device}")
+
+
+def pack_w8a16(w_int8: torch.Tensor, group_size: int = 0) -> torch.Tensor:
+    """w_int8 [N, K] int8 (CPU) -> its packed form for int8_weight_only_linear_packed (a 1-D uint8 tensor).
+    group_size: 0 for per-output-channel scales w_scale [N], else the scale group along K (dividing K) of
+    w_scale [N, K // group_size]. Pack once per weight; never save it: the layout may change between versions."""
+    check_int8("w_int8", w_int8, dim=2)
+    _check_cpu("w_int8", w_int8)
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size: expected an int, got {type(group_size).__name__}")
+    K = w_int8.shape[1]
+    if group_size < 0 or (group_size > 0 and K % group_size != 0):
+        raise ValueError(f"group_size: {group_size} must be 0 (per channel) or a positive divisor of K = {K}")
+    _require_ext("pack_w8a16")
+    return native("int8_pack_w8a16_cpu")(w_int8.detach().contiguous(), group_size)
+
+
+def int8_weight_only_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                                   bias: Optional[torch.Tensor] = None,
+                                   smooth_inv: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [..., K] float32/bf16/fp16 (CPU) times the packed weight (pack_w8a16 of w_int8 [N, K]) with w_scale
+    float32 [N] (group_size 0) or [N, K // group_size], optional bias [N] (any float dtype) and smooth_inv [K]
+    float32 (x * smooth_inv.to(x.dtype) is multiplied) -> [..., N] in x's dtype. inf/NaN in x propagate to their
+    rows. Not differentiable (use Int8Linear to train)."""
+    check_float("x", x)
+    if x.dtype not in OUT_DTYPES:
+        raise TypeError(f"x: expected one of {OUT_DTYPES}, got {x.dtype}")
+    if not isinstance(w_packed, torch.Tensor):
+        raise TypeError(f"w_packed: expected a torch.Tensor from pack_w8a16, got {type(w_packed).__name__}")
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 1:
+        raise ValueError(f"w_packed: expected a 1-D uint8 tensor from pack_w8a16, got {w_packed.dtype} of shape "
+                         f"{tuple(w_packed.shape)}")
+    if not isinstance(w_scale, torch.Tensor):
+        raise TypeError(f"w_scale: expected a torch.Tensor, got {type(w_scale).__name__}")
+    if w_scale.dtype != torch.float32:
+        raise TypeError(f"w_scale: expected float32, got {w_scale.dtype}")
+    if w_scale.dim() not in (1, 2):
+        raise ValueError(f"w_scale: expected shape (N,) or (N, K // group_size), got {tuple(w_scale.shape)}")
+    K, N = x.shape[-1], w_scale.shape[0]
+    check_bias(bias, N, x.device)
+    if smooth_inv is not None:
+        if not isinstance(smooth_inv, torch.Tensor):
+            raise TypeError(f"smooth_inv: expected a torch.Tensor or None, got {type(smooth_inv).__name__}")
+        if smooth_inv.dtype != torch.float32:
+            raise TypeError(f"smooth_inv: expected float32, got {smooth_inv.dtype}")
+        if tuple(smooth_inv.shape) != (K,):
+            raise ValueError(f"smooth_inv: expected shape ({K},) to match x (..., {K}), got {tuple(smooth_inv.shape)}")
+    for name, t in (("x", x), ("w_packed", w_packed), ("w_scale", w_scale), ("smooth_inv", smooth_inv)):
+        if t is not None:
+            _check_cpu(name, t)
+    _require_ext("int8_weight_only_linear_packed")
+    lead = x.shape[:-1]
+    out = native("int8_weight_only_linear_packed_cpu")(
+        contiguous_rows(x.detach()), w_packed.contiguous(), w_scale.detach().contiguous(),
+        None if bias is None else bias.detach().contiguous(),
+        None if smooth_inv is None else smooth_inv.detach().contiguous())
+    return out.view(*lead, N)
