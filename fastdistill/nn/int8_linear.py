@@ -61,14 +61,12 @@ def _packed_ops(mode: str):
 
 def _packed_call(op, mode, x, packed, w_scale, bias, smooth_inv):
     """The raw packed op on x [..., K] (arguments checked at pack time; float32 scale/bias/smooth_inv)."""
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    if mode == "w8a8":
-        out = op(x2, packed, w_scale, bias, smooth_inv, x.dtype)
-    else:
-        out = op(x2, packed, w_scale, bias, smooth_inv)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    out = op(x2, packed, w_scale, bias, smooth_inv, x.dtype) if mode == "w8a8" else \
+        op(x2, packed, w_scale, bias, smooth_inv)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out.shape[-1])
 
 
 def check_features(name: str, value) -> int:
