@@ -1,4 +1,4 @@
-"""Command line: `fastdistill demo | run CONFIG.yaml | info` (also `python -m fastdistill ...`).
+"""Command line: `fastdistill demo | run CONFIG.yaml | bench | info` (also `python -m fastdistill ...`).
 
 Errors a user can fix (a bad config or checkpoint, an unwritable or full output disk, a missing
 `pipeline` extra) print one line, `fastdistill: ...`, on stderr and exit with status 2; a run whose
@@ -129,6 +129,73 @@ def _info(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    """Times every selected op and provider side by side; prints one table (progress on stderr)."""
+    from fastdistill.bench import chart, report, runner
+
+    if args.chart and chart.missing():
+        return _error(f"--chart: {chart.missing()}")
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    try:
+        pairs = runner.plan(args.op, device=device, shapes=args.shapes, providers=args.providers)
+    except ValueError as e:  # runner messages start with the argument's name: op, device, shapes, providers
+        return _error(f"--{e}")
+    if args.list:
+        for case, provider in pairs:
+            print(f"{case.op}  [{case.name}]  {provider}  ({case.provider(provider).kind})")
+        return 0
+
+    def progress(row):
+        took = f"failed: {row['error']}" if "error" in row else f"{row['ms']:.3g} ms"
+        print(f"  {row['op']} [{row['case']}] {row['provider']}: {took}", file=sys.stderr, flush=True)
+
+    result = runner.run(args.op, device=device, shapes=args.shapes, providers=args.providers, reps=args.reps,
+                        isolate=not args.in_process, progress=progress)
+    print(report.table(result))
+    for option, path, write in (("--json", args.json, report.write_json), ("--csv", args.csv, report.write_csv),
+                                ("--chart", args.chart, chart.write_charts)):
+        if path:
+            try:
+                written = write(path, result) if option != "--chart" else write(result, path)
+            except OSError as e:
+                return _error(f"{option} {path}: {e.strerror or e}")
+            print(f"wrote {', '.join(written) if isinstance(written, list) else written}")
+    return 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _bench_options(p):
+    p.add_argument("--op", nargs="+", metavar="NAME", help="ops to time (default: every op; see --list)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--shapes", choices=("small", "llm", "tiny"), default="small",
+                   help="small: CPU-sized (default); llm: 8192 x 128256 bf16 losses, 8192^3 GEMMs (the GPU targets); "
+                        "tiny: a smoke test of every provider in seconds")
+    p.add_argument("--providers", nargs="+", metavar="NAME",
+                   help="only these providers (fastdistill-<backend>, eager, compile, peers such as torch-linear)")
+    p.add_argument("--reps", type=_positive_int, help="timed calls per provider (default: 5 on CPU, 20 on CUDA)")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process (faster; default: a fresh process per provider, for peak memory)")
+    p.add_argument("--list", action="store_true", help="print the cases and providers that would run, and exit")
+    p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
+    p.add_argument("--json", metavar="PATH", help="also write the run (environment + rows) as JSON")
+    p.add_argument("--chart", metavar="DIR", help="also write one PNG bar chart per op here (needs matplotlib)")
+
+
 def _run_options(p):
     p.add_argument("--output-dir", help="override the config's output_dir")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
@@ -149,6 +216,10 @@ def main(argv=None) -> int:
     p.add_argument("config")
     _run_options(p)
     p.set_defaults(fn=_run)
+    p = sub.add_parser("bench", help="time every op against eager PyTorch, torch.compile and the best peer, "
+                                    "side by side; prints one table")
+    _bench_options(p)
+    p.set_defaults(fn=_bench)
     p = sub.add_parser("info", help="backends, extension build and versions, as JSON")
     p.set_defaults(fn=_info)
     args = parser.parse_args(argv)

@@ -1,0 +1,127 @@
+"""Runs benchmark cases and turns the timings into result rows.
+
+    plan(ops, device=, shapes=, providers=)  -> the (case, provider) pairs to measure (validates every argument)
+    run(ops, device=, shapes=, providers=, reps=, isolate=, progress=) -> {"environment", "device", "shapes",
+        "reps", "isolate", "rows"}
+
+Each provider is timed with harness.time_it (median and 20th/80th percentiles over `reps` calls, after the
+untimed calls that compile, autotune and first-touch memory) inside harness.PeakMemory. isolate=True runs
+every (case, provider) in a fresh subprocess (`python -m fastdistill.bench.worker`), so that its peak memory is
+its own and no provider inherits another's caches or heap; isolate=False measures in this process (faster; the
+CPU peak then misses memory that the heap reuses).
+A row: op, case, provider, kind, ms, p20_ms, p80_ms, gbps, tflops, peak_mb, and, against the baselines
+(eager, compile, peers) measured in the same run: baseline (the fastest), ratio (its ms / this ms: > 1 is
+faster than every baseline) and ratios (per baseline); or error, when the provider failed.
+"""
+from __future__ import annotations
+
+import gc
+import math
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from fastdistill.bench import harness
+from fastdistill.bench.cases import OPS, Case, check_device, find_case, get_cases
+
+DEFAULT_REPS = {"cpu": 5, "cuda": 20}
+WORKER = "fastdistill.bench.worker"
+ROW_FIELDS = ("op", "case", "provider", "kind", "ms", "p20_ms", "p80_ms", "gbps", "tflops", "peak_mb", "baseline",
+              "ratio", "ratios", "error")
+
+
+def plan(ops: Optional[Iterable[str]] = None, *, device: str = "cpu", shapes: str = "small",
+         providers: Optional[Iterable[str]] = None) -> list[tuple[Case, str]]:
+    """The (case, provider name) pairs to measure: every case of `ops` (default: all), every provider that runs on
+    `device` (or those named in `providers`: each must belong to some selected case)."""
+    check_device(device)
+    ops = list(OPS if ops is None else ops)
+    bad = [op for op in ops if op not in OPS]
+    if bad or not ops:
+        raise ValueError(f"op: unknown {bad[0]!r}; expected one of {', '.join(OPS)}" if bad else "op: none given")
+    selected = [c for op in dict.fromkeys(ops) for c in get_cases(op, device, shapes)]
+    every = list(dict.fromkeys(p.name for c in selected for p in c.providers))
+    wanted = None if providers is None else list(providers)
+    if wanted is not None:
+        bad = [p for p in wanted if p not in every]
+        if bad or not wanted:
+            raise ValueError(f"providers: {bad[0]!r} does not run {', '.join(dict.fromkeys(ops))} on {device}; "
+                             f"expected some of {', '.join(every)}" if bad else "providers: none given")
+    return [(c, p.name) for c in selected for p in c.providers if wanted is None or p.name in wanted]
+
+
+def measure(case: Case, provider: str, device: str, reps: int) -> dict:
+    """median_ms, p20_ms, p80_ms, peak_mb of one provider on one case, in this process."""
+    fn = case.build(case.params, provider, device)
+    for _ in range(2):  # compile, autotune, first touch: outside the measurement
+        fn()
+    with harness.PeakMemory(device) as peak:
+        times = harness.time_it(lambda _: fn(), device=device, warmup=1, reps=reps)
+    return {**harness.summarize(times), "peak_mb": peak.extra / 2**20}
+
+
+def measure_spec(spec: dict) -> dict:
+    """measure() of a JSON spec (what a worker process receives); failures come back as {"error": ...}."""
+    try:
+        case = find_case(spec["op"], spec["case"], spec["device"], spec["shapes"])
+        return measure(case, spec["provider"], spec["device"], spec["reps"])
+    except Exception as e:  # a provider that cannot run here (peer missing, unsupported shape): one failed row
+        return {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]}
+    finally:
+        gc.collect()
+        if spec.get("device") == "cuda":
+            torch.cuda.empty_cache()
+
+
+def make_row(case: Case, provider: str, result: dict) -> dict:
+    kind = case.provider(provider).kind
+    row = {"op": case.op, "case": case.name, "provider": provider, "kind": kind}
+    if "error" in result:
+        return {**row, "error": result["error"]}
+    ms = result["median_ms"]
+    row.update(ms=ms, p20_ms=result["p20_ms"], p80_ms=result["p80_ms"],
+               gbps=case.bytes / ms / 1e6 if case.bytes and ms > 0 else None,
+               tflops=case.flops / ms / 1e9 if case.flops and ms > 0 else None, peak_mb=result["peak_mb"])
+    return row
+
+
+def _timed(row: dict) -> bool:
+    ms = row.get("ms")
+    return isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Per (op, case): baseline = the fastest baseline provider (kind != "fastdistill"), ratio = its ms / the row's
+    ms (> 1: faster than it), ratios = the same against every baseline. Rows without a time, or cases without a
+    timed baseline, get no ratio. Modifies and returns rows."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["op"], row["case"]), []).append(row)
+    for group in groups.values():
+        base = {r["provider"]: r["ms"] for r in group if r["kind"] != "fastdistill" and _timed(r)}
+        best = min(base, key=base.get) if base else None
+        for row in group:
+            if best is None or not _timed(row):
+                continue
+            row["baseline"], row["ratio"] = best, base[best] / row["ms"]
+            row["ratios"] = {name: ms / row["ms"] for name, ms in base.items()}
+    return rows
+
+
+def run(ops: Optional[Iterable[str]] = None, *, device: str = "cpu", shapes: str = "small",
+        providers: Optional[Iterable[str]] = None, reps: Optional[int] = None, isolate: bool = True,
+        progress: Optional[Callable[[dict], None]] = None) -> dict:
+    """Measures plan(...) and returns the run: environment, settings and rows (with ratios)."""
+    pairs = plan(ops, device=device, shapes=shapes, providers=providers)
+    reps = DEFAULT_REPS[device] if reps is None else reps
+    if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
+        raise ValueError(f"reps: expected a positive int, got {reps!r}")
+    rows = []
+    for case, provider in pairs:
+        spec = dict(op=case.op, case=case.name, provider=provider, device=device, shapes=shapes, reps=reps)
+        result = harness.run_module_worker(WORKER, spec) if isolate else measure_spec(spec)
+        rows.append(make_row(case, provider, result))
+        if progress is not None:
+            progress(rows[-1])
+    return {"environment": harness.environment(device), "device": device, "shapes": shapes, "reps": reps,
+            "isolate": isolate, "rows": add_ratios(rows)}
