@@ -37,7 +37,7 @@ def _path_available(path: str) -> str | None:
 
 PATHS = [pytest.param(p, marks=pytest.mark.skipif(_path_available(p) is not None if _ext.is_available() else False,
                                                   reason=f"this CPU lacks the {p} path"))
-         for p in ("scalar", "avx2", "vnni")]
+         for p in ("scalar", "avx2", "vnni", "vnni_scalar")]
 
 
 @pytest.fixture
@@ -145,9 +145,12 @@ def test_empty(M, K, N, monkeypatch):
                                                                torch.float32))
 
 
-def test_parallel_deterministic(gen):
-    """A problem above the serial threshold (threads share the panels): same bits as the oracle, run to run."""
-    M, K, N = 67, 301, 250
+@pytest.mark.parametrize("path", PATHS)
+def test_parallel_deterministic(path, gen, monkeypatch):
+    """A problem above the serial threshold (threads share the panels; 15 panels: an odd one for the two-panel
+    tiles; 67 rows: row tails of every tile height): same bits as the oracle, run to run."""
+    monkeypatch.setenv(PATH_ENV, path)
+    M, K, N = 67, 301, 230
     w, ws = _weights(N, K, gen)
     x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
     packed = pack_w8a8(w)
@@ -196,7 +199,7 @@ def test_packed_weight_errors():
 
 def test_bad_path_env(monkeypatch):
     monkeypatch.setenv(PATH_ENV, "sse9")
-    with pytest.raises(ValueError, match=f"{PATH_ENV}: expected auto, scalar, avx2 or vnni"):
+    with pytest.raises(ValueError, match=f"{PATH_ENV}: expected auto, scalar, avx2, vnni or vnni_scalar"):
         int8_linear_dynamic(torch.randn(1, 4), pack_w8a8(torch.ones(2, 4, dtype=torch.int8)), torch.ones(2))
 
 

@@ -10,7 +10,10 @@
 //            exact unless w holds -128 (-(-128) overflows); such weights (kW8A8HasM128, only from users' raw
 //            int8) take the swapped form vpmaddubsw(|w|, sign(a, w)), exact unless a holds -128 too (then scalar)
 //   vnni     vpdpbusd(a + 128, w) - 128 * colsum (no int16 step; exact for every int8, int32 wraps cancel)
-// FASTDISTILL_INT8_CPU_PATH = auto | scalar | avx2 | vnni (read per call) forces one path (tests use it).
+//   vnni_scalar  the vnni arithmetic and blocking on scalar tiles: tests check the VNNI plumbing on any CPU
+// FASTDISTILL_INT8_CPU_PATH = auto | scalar | avx2 | vnni | vnni_scalar (read per call) forces one path (tests).
+// auto: vnni where the CPU has avx512_vnni or avx_vnni and a one-time worst-case self-check against scalar passes
+// (else a warning and avx2), else avx2, else scalar. The tiles live in fd_int8_tiles.h.
 #pragma once
 
 #include <ATen/ATen.h>
