@@ -135,6 +135,10 @@ def _bench(args) -> int:
 
     if args.chart and chart.missing():
         return _error(f"--chart: {chart.missing()}")
+    for option, path in (("--json", args.json), ("--csv", args.csv)):  # refuse before a long run, not after
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            return _error(f"{option} {path}: {folder} is not a writable directory")
     device = args.device or ("cuda" if _cuda_available() else "cpu")
     try:
         pairs = runner.plan(args.op, device=device, shapes=args.shapes, providers=args.providers)
