@@ -37,8 +37,11 @@ test-all: $(EXT)
 check-package: $(DEPS)
 	$(PY) tests/package_check.py
 
+# One table: every op and provider (fastdistill backends, eager, torch.compile, peers) at small shapes on CPU.
+# BENCH_ARGS adds options, e.g. make bench BENCH_ARGS="--op int8_linear --json run.json --chart charts".
+# The per-op scripts (benchmarks/bench_<op>.py) keep writing the CSVs under benchmarks/results.
 bench: $(EXT)
-	$(PY) benchmarks/bench_distill_loss.py
+	$(PY) -m fastdistill bench --device cpu --shapes small $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastdistill/_C*.so $(EXT)
