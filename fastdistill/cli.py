@@ -154,7 +154,7 @@ def _bench(args) -> int:
         print(f"  {row['op']} [{row['case']}] {row['provider']}: {took}", file=sys.stderr, flush=True)
 
     result = runner.run(args.op, device=device, shapes=args.shapes, providers=args.providers, reps=args.reps,
-                        isolate=not args.in_process, progress=progress)
+                        isolate=args.isolate, progress=progress)
     print(report.table(result))
     for option, path, write in (("--json", args.json, report.write_json), ("--csv", args.csv, report.write_csv),
                                 ("--chart", args.chart, chart.write_charts)):
@@ -192,8 +192,9 @@ def _bench_options(p):
     p.add_argument("--providers", nargs="+", metavar="NAME",
                    help="only these providers (fastdistill-<backend>, eager, compile, peers such as torch-linear)")
     p.add_argument("--reps", type=_positive_int, help="timed calls per provider (default: 5 on CPU, 20 on CUDA)")
-    p.add_argument("--in-process", action="store_true",
-                   help="measure in this process (faster; default: a fresh process per provider, for peak memory)")
+    p.add_argument("--isolate", choices=("case", "provider", "none"), default="case",
+                   help="where to measure: a fresh process per case (default: each provider's peak memory is its "
+                        "own), per provider (nothing shared, slowest), or none: in this process (fastest)")
     p.add_argument("--list", action="store_true", help="print the cases and providers that would run, and exit")
     p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
     p.add_argument("--json", metavar="PATH", help="also write the run (environment + rows) as JSON")

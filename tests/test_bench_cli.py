@@ -59,7 +59,7 @@ def test_list_prints_the_plan(capsys):
 
 def test_table_and_files(capsys, tmp_path):
     out_json, out_csv = tmp_path / "run.json", tmp_path / "run.csv"
-    argv = TINY + ["--providers", "fastdistill-cpu", "eager", "--in-process", "--json", str(out_json),
+    argv = TINY + ["--providers", "fastdistill-cpu", "eager", "--isolate", "none", "--json", str(out_json),
                    "--csv", str(out_csv)]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
@@ -80,24 +80,25 @@ def test_table_and_files(capsys, tmp_path):
 @pytest.mark.parametrize("option", ["--json", "--csv"])
 def test_unwritable_output_is_refused_before_the_run(capsys, tmp_path, option):
     path = tmp_path / "no" / "x"
-    _fails(capsys, TINY + ["--providers", "eager", "--in-process", option, str(path)],
+    _fails(capsys, TINY + ["--providers", "eager", "--isolate", "none", option, str(path)],
            f"{option} {path}: {tmp_path / 'no'} is not a writable directory")  # one line: nothing was measured
 
 
 def test_write_failure_after_the_run(capsys, tmp_path):
     (tmp_path / "run.json").mkdir()  # a directory where the file should go
-    assert cli.main(TINY + ["--providers", "eager", "--in-process", "--json", str(tmp_path / "run.json")]) == 2
+    assert cli.main(TINY + ["--providers", "eager", "--isolate", "none", "--json", str(tmp_path / "run.json")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1] == f"fastdistill: --json {tmp_path / 'run.json'}: Is a directory"
 
 
 def test_console_script_isolated_run(tmp_path):
-    """The default path end to end: `python -m fastdistill bench` from outside the checkout, every provider in its
-    own worker process."""
+    """The default path end to end: `python -m fastdistill bench` from outside the checkout, the case's providers
+    measured in one worker process."""
     env = dict(os.environ, PYTHONPATH="")
-    proc = subprocess.run([sys.executable, "-m", "fastdistill", *TINY, "--providers", "eager"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, "-m", "fastdistill", *TINY, "--providers", "eager", "fastdistill-cpu"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
     table = proc.stdout.splitlines()
-    assert "in-process" not in table[0]
-    assert table[3].split()[3:4] == ["eager"] and table[3].split()[-2:] == ["1x", "eager"]
+    assert "in-process" not in table[0] and "failed" not in proc.stdout
+    assert [line.split()[3] for line in table[3:5]] == ["fastdistill-cpu", "eager"]
+    assert table[4].split()[-2:] == ["1x", "eager"]

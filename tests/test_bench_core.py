@@ -106,7 +106,7 @@ def test_plan_refuses_cuda_without_a_gpu():
 @pytest.mark.parametrize("reps", [0, -1, 1.5, True])
 def test_run_rejects_bad_reps(reps):
     with pytest.raises(ValueError, match="^reps: "):
-        runner.run(["quantize_per_token"], shapes="tiny", reps=reps, isolate=False)
+        runner.run(["quantize_per_token"], shapes="tiny", reps=reps, isolate="none")
 
 
 def test_plan_filters_providers():
@@ -118,7 +118,7 @@ def test_plan_filters_providers():
 def test_tiny_run_rows_columns_and_finite_ratio():
     seen = []
     result = runner.run(["quantize_per_token"], shapes="tiny", providers=["fastdistill-cpu", "eager"], reps=2,
-                        isolate=False, progress=seen.append)
+                        isolate="none", progress=seen.append)
     rows = result["rows"]
     assert seen == rows and [r["provider"] for r in rows] == ["fastdistill-cpu", "eager"]
     for r in rows:
@@ -131,7 +131,7 @@ def test_tiny_run_rows_columns_and_finite_ratio():
     assert rows[1]["ratio"] == 1.0
     env = result["environment"]
     assert {"device", "torch", "triton", "python", "fastdistill", "date"} <= set(env)
-    assert (result["device"], result["shapes"], result["reps"], result["isolate"]) == ("cpu", "tiny", 2, False)
+    assert (result["device"], result["shapes"], result["reps"], result["isolate"]) == ("cpu", "tiny", 2, "none")
 
 
 def test_a_failing_provider_is_one_row_with_its_error(monkeypatch):
@@ -141,9 +141,50 @@ def test_a_failing_provider_is_one_row_with_its_error(monkeypatch):
     monkeypatch.setattr(registry, "find_case", lambda *a: registry.Case(case.op, case.name, case.params,
                                                                        case.providers, broken, case.bytes))
     monkeypatch.setattr(runner, "find_case", registry.find_case)
-    rows = runner.run(["quantize_per_token"], shapes="tiny", providers=["eager"], reps=1, isolate=False)["rows"]
+    rows = runner.run(["quantize_per_token"], shapes="tiny", providers=["eager"], reps=1, isolate="none")["rows"]
     assert rows == [{"op": "quantize_per_token", "case": case.name, "provider": "eager", "kind": "eager",
                      "error": "RuntimeError: no kernel for this"}]
+
+
+@pytest.mark.parametrize("isolate, calls", [("case", [["fastdistill-cpu", "eager"]]),
+                                             ("provider", ["fastdistill-cpu", "eager"])])
+def test_isolation_modes_spawn_workers_per_case_or_provider(monkeypatch, isolate, calls):
+    seen = []
+
+    def fake_worker(module, spec, timeout=1800):
+        assert module == runner.WORKER == "fastdistill.bench.worker"
+        seen.append(spec.get("providers") or spec["provider"])
+        timing = {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0, "peak_mb": 0.0}
+        if "providers" in spec:
+            return {"results": {p: dict(timing, median_ms=1.0 + i) for i, p in enumerate(spec["providers"])}}
+        return dict(timing, median_ms=1.0 if spec["provider"] == "fastdistill-cpu" else 2.0)
+
+    monkeypatch.setattr(harness, "run_module_worker", fake_worker)
+    result = runner.run(["quantize_per_token"], shapes="tiny", providers=["fastdistill-cpu", "eager"], reps=1,
+                        isolate=isolate)
+    assert seen == calls and result["isolate"] == isolate
+    assert [(r["provider"], r["ms"], r["ratio"]) for r in result["rows"]] == [("fastdistill-cpu", 1.0, 2.0),
+                                                                              ("eager", 2.0, 1.0)]
+
+
+def test_a_dead_case_worker_fails_each_of_its_rows(monkeypatch):
+    monkeypatch.setattr(harness, "run_module_worker", lambda *a, **k: {"error": "Segmentation fault"})
+    rows = runner.run(["quantize_per_token"], shapes="tiny", providers=["fastdistill-cpu", "eager"], reps=1)["rows"]
+    assert [r.get("error") for r in rows] == ["Segmentation fault"] * 2 and all("ratio" not in r for r in rows)
+
+
+def test_run_rejects_unknown_isolation():
+    with pytest.raises(ValueError, match="^isolate: expected one of"):
+        runner.run(["quantize_per_token"], shapes="tiny", isolate="thread")
+
+
+def test_worker_spec_with_providers_measures_each():
+    case = registry.get_cases("quantize_per_token", "cpu", "tiny")[0]
+    out = runner.measure_spec(dict(op=case.op, case=case.name, providers=["eager", "nope"], device="cpu",
+                                   shapes="tiny", reps=1))
+    assert list(out["results"]) == ["eager", "nope"]
+    assert set(out["results"]["eager"]) == {"median_ms", "p20_ms", "p80_ms", "peak_mb"}
+    assert out["results"]["nope"]["error"].startswith("ValueError: provider: ")
 
 
 def test_worker_spec_errors_come_back_as_one_row():
@@ -197,7 +238,7 @@ def _result():
                   dict(provider="torch-x", kind="peer", error="RuntimeError: not here")])
     return {"environment": {"device": "test CPU", "torch": "2.x", "triton": "", "python": "3.11",
                             "fastdistill": "0", "date": "2026-01-01"},
-            "device": "cpu", "shapes": "tiny", "reps": 2, "isolate": True, "rows": runner.add_ratios(rows)}
+            "device": "cpu", "shapes": "tiny", "reps": 2, "isolate": "case", "rows": runner.add_ratios(rows)}
 
 
 def test_json_round_trip(tmp_path):

@@ -38,7 +38,7 @@ def table(result: dict) -> str:
     head = (f"{env.get('device', result.get('device', ''))} | torch {env.get('torch', '')} | "
             f"triton {env.get('triton') or '-'} | fastdistill {env.get('fastdistill', '')} | "
             f"shapes {result.get('shapes', '')}, {result.get('reps', '')} reps"
-            f"{', in-process' if result.get('isolate') is False else ''}")
+            f"{', in-process' if result.get('isolate') == 'none' else ''}")
     lines = [list(COLUMNS)] + [_cells(r) for r in result["rows"]]
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
     numeric = {3, 4, 5, 6}

@@ -5,10 +5,13 @@
         "reps", "isolate", "rows"}
 
 Each provider is timed with harness.time_it (median and 20th/80th percentiles over `reps` calls, after the
-untimed calls that compile, autotune and first-touch memory) inside harness.PeakMemory. isolate=True runs
-every (case, provider) in a fresh subprocess (`python -m fastdistill.bench.worker`), so that its peak memory is
-its own and no provider inherits another's caches or heap; isolate=False measures in this process (faster; the
-CPU peak then misses memory that the heap reuses).
+untimed calls that compile, autotune and first-touch memory) inside harness.PeakMemory. isolate says where:
+    "case"      (default) one fresh process per case (`python -m fastdistill.bench.worker`) that times its
+                providers in turn: glibc returns every allocation >= 64 KiB to the OS there (harness.run_worker's
+                environment), so each provider's CPU peak is its own; what an earlier provider keeps (compiled code)
+                counts in the base, not in the peak. One interpreter start and inductor warm-up per case.
+    "provider"  a fresh process per (case, provider): nothing shared at all (the slowest).
+    "none"      this process (fastest; the CPU peak then misses memory that the heap reuses).
 A row: op, case, provider, kind, ms, p20_ms, p80_ms, gbps, tflops, peak_mb, and, against the baselines
 (eager, compile, peers) measured in the same run: baseline (the fastest), ratio (its ms / this ms: > 1 is
 faster than every baseline) and ratios (per baseline); or error, when the provider failed.
@@ -25,6 +28,7 @@ from fastdistill.bench import harness
 from fastdistill.bench.cases import OPS, Case, check_device, find_case, get_cases
 
 DEFAULT_REPS = {"cpu": 5, "cuda": 20}
+ISOLATION = ("case", "provider", "none")
 WORKER = "fastdistill.bench.worker"
 ROW_FIELDS = ("op", "case", "provider", "kind", "ms", "p20_ms", "p80_ms", "gbps", "tflops", "peak_mb", "baseline",
               "ratio", "ratios", "error")
@@ -61,7 +65,11 @@ def measure(case: Case, provider: str, device: str, reps: int) -> dict:
 
 
 def measure_spec(spec: dict) -> dict:
-    """measure() of a JSON spec (what a worker process receives); failures come back as {"error": ...}."""
+    """measure() of a JSON spec (what a worker process receives); failures come back as {"error": ...}. A spec
+    with "providers" (a list) measures each in turn and returns {"results": {provider: result}}."""
+    if spec.get("providers") is not None:
+        one = {k: v for k, v in spec.items() if k != "providers"}
+        return {"results": {p: measure_spec(dict(one, provider=p)) for p in spec["providers"]}}
     try:
         case = find_case(spec["op"], spec["case"], spec["device"], spec["shapes"])
         return measure(case, spec["provider"], spec["device"], spec["reps"])
@@ -109,19 +117,32 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def run(ops: Optional[Iterable[str]] = None, *, device: str = "cpu", shapes: str = "small",
-        providers: Optional[Iterable[str]] = None, reps: Optional[int] = None, isolate: bool = True,
+        providers: Optional[Iterable[str]] = None, reps: Optional[int] = None, isolate: str = "case",
         progress: Optional[Callable[[dict], None]] = None) -> dict:
     """Measures plan(...) and returns the run: environment, settings and rows (with ratios)."""
     pairs = plan(ops, device=device, shapes=shapes, providers=providers)
     reps = DEFAULT_REPS[device] if reps is None else reps
     if isinstance(reps, bool) or not isinstance(reps, int) or reps < 1:
         raise ValueError(f"reps: expected a positive int, got {reps!r}")
-    rows = []
+    if isolate not in ISOLATION:
+        raise ValueError(f"isolate: expected one of {ISOLATION}, got {isolate!r}")
+    groups: dict[tuple, list[str]] = {}  # providers per case, in plan order
     for case, provider in pairs:
-        spec = dict(op=case.op, case=case.name, provider=provider, device=device, shapes=shapes, reps=reps)
-        result = harness.run_module_worker(WORKER, spec) if isolate else measure_spec(spec)
-        rows.append(make_row(case, provider, result))
-        if progress is not None:
-            progress(rows[-1])
+        groups.setdefault((case.op, case.name), []).append(provider)
+    cases = {(c.op, c.name): c for c, _ in pairs}
+    rows = []
+    for key, names in groups.items():
+        base = dict(op=key[0], case=key[1], device=device, shapes=shapes, reps=reps)
+        if isolate == "case":
+            out = harness.run_module_worker(WORKER, dict(base, providers=names))
+            results = out.get("results") or {p: out for p in names}  # a worker that died: its error on each
+        elif isolate == "provider":
+            results = {p: harness.run_module_worker(WORKER, dict(base, provider=p)) for p in names}
+        else:
+            results = {p: measure_spec(dict(base, provider=p)) for p in names}
+        for p in names:
+            rows.append(make_row(cases[key], p, results.get(p, {"error": "no result"})))
+            if progress is not None:
+                progress(rows[-1])
     return {"environment": harness.environment(device), "device": device, "shapes": shapes, "reps": reps,
             "isolate": isolate, "rows": add_ratios(rows)}
