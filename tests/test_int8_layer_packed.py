@@ -252,3 +252,18 @@ def test_ddp_single_process(tmp_path):
                                                        for m in model])(x))
     finally:
         dist.destroy_process_group()
+
+
+@needs_w8a16
+def test_w8a16_in_place_edit_and_load_repack():
+    layer, x = _layer(mode="w8a16", group_size=8), _x(3, 40)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight_int8.neg_()
+        after = layer(x)
+        torch.testing.assert_close(after, _unpacked(layer)(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(after, before)
+        fresh = Int8Linear(40, 24, mode="w8a16", group_size=8)
+        fresh.load_state_dict(layer.state_dict())
+        assert fresh._packed is not None
+        assert torch.equal(fresh(x), after)
