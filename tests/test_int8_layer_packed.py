@@ -267,3 +267,13 @@ def test_w8a16_in_place_edit_and_load_repack():
         fresh.load_state_dict(layer.state_dict())
         assert fresh._packed is not None
         assert torch.equal(fresh(x), after)
+
+
+def test_module_pickled_before_the_packed_cache_loads():
+    layer, x = _layer(smooth=True), _x(3, 40)
+    state = layer.__getstate__()
+    del state["_packed"], state["_pack_key"]  # what torch.save(module) wrote before issue 14
+    old = Int8Linear.__new__(Int8Linear)
+    old.__setstate__(state)
+    with torch.no_grad():
+        assert torch.equal(old(x), layer(x))
