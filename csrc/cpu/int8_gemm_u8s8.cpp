@@ -26,14 +26,22 @@ struct PathInfo {
 };
 
 PathInfo path_info(Path p) {
-  return p == Path::kVnni512 || p == Path::kVnniScalar ? PathInfo{8, 2} : PathInfo{4, 1};
+  switch (p) {
+    case Path::kVnni512:
+    case Path::kVnniScalar: return {8, 2};
+    case Path::kAvx2:
+    case Path::kAvx2Swap: return {3, 2};
+    default: return {4, 1};
+  }
 }
 
 TileFn tile_for(Path p, int mr, int np) {
   if (p == Path::kVnniScalar) return np == 2 ? shift_tile<2> : shift_tile<1>;
 #if FD_X86
-  static const TileFn avx2[4] = {avx2_tile<1, false>, avx2_tile<2, false>, avx2_tile<3, false>, avx2_tile<4, false>};
-  static const TileFn swap[4] = {avx2_tile<1, true>, avx2_tile<2, true>, avx2_tile<3, true>, avx2_tile<4, true>};
+  static const TileFn avx2[2][3] = {{avx2_tile<1, 1, false>, avx2_tile<2, 1, false>, avx2_tile<3, 1, false>},
+                                    {avx2_tile<1, 2, false>, avx2_tile<2, 2, false>, avx2_tile<3, 2, false>}};
+  static const TileFn swap[2][3] = {{avx2_tile<1, 1, true>, avx2_tile<2, 1, true>, avx2_tile<3, 1, true>},
+                                    {avx2_tile<1, 2, true>, avx2_tile<2, 2, true>, avx2_tile<3, 2, true>}};
   static const TileFn v256[4] = {vnni256_tile<1>, vnni256_tile<2>, vnni256_tile<3>, vnni256_tile<4>};
   static const TileFn v512[2][8] = {
       {vnni512_tile<1, 1>, vnni512_tile<2, 1>, vnni512_tile<3, 1>, vnni512_tile<4, 1>, vnni512_tile<5, 1>,
@@ -41,8 +49,8 @@ TileFn tile_for(Path p, int mr, int np) {
       {vnni512_tile<1, 2>, vnni512_tile<2, 2>, vnni512_tile<3, 2>, vnni512_tile<4, 2>, vnni512_tile<5, 2>,
        vnni512_tile<6, 2>, vnni512_tile<7, 2>, vnni512_tile<8, 2>}};
   switch (p) {
-    case Path::kAvx2: return avx2[mr - 1];
-    case Path::kAvx2Swap: return swap[mr - 1];
+    case Path::kAvx2: return avx2[np - 1][mr - 1];
+    case Path::kAvx2Swap: return swap[np - 1][mr - 1];
     case Path::kVnni256: return v256[mr - 1];
     case Path::kVnni512: return v512[np - 1][mr - 1];
     default: break;

@@ -45,41 +45,51 @@ FD_AVX2 FD_INLINE __m256i ld(const void* p) { return _mm256_loadu_si256(static_c
 FD_AVX2 FD_INLINE void st(int32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
 
 // kSwap = false: vpmaddubsw(|a|, sign(w, a)); true: vpmaddubsw(|w|, sign(a, w)). Pairs stay below 2^15.
-// Accumulators are named variables (an array of them made GCC spill inside the loop).
-template <int MR, bool kSwap>
-FD_AVX2 void avx2_tile(int, const int8_t* as, const uint8_t* au, int64_t lda, const int8_t* wp, int64_t, int64_t kc,
-                       bool accumulate, int32_t* c) {
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int8_t *a0 = as, *a1 = as + lda, *a2 = as + 2 * lda, *a3 = as + 3 * lda;
-  const uint8_t *u0 = au, *u1 = au + lda, *u2 = au + 2 * lda, *u3 = au + 3 * lda;
+// MR <= 3 rows x NP <= 2 panels (3 x 2 measured ~25% faster than 4 x 1 on the dev CPU). Accumulators are named
+// variables (an array of them made GCC spill inside the loop).
+template <int MR, int NP, bool kSwap>
+FD_AVX2 void avx2_tile(int, const int8_t* as, const uint8_t* au, int64_t lda, const int8_t* wp, int64_t pstride,
+                       int64_t kc, bool accumulate, int32_t* c) {
+  const __m256i z = _mm256_setzero_si256(), ones = _mm256_set1_epi16(1);
+  __m256i c00 = z, c01 = z, c02 = z, c03 = z, c10 = z, c11 = z, c12 = z, c13 = z, c20 = z, c21 = z, c22 = z, c23 = z;
+  const int8_t *a0 = as, *a1 = as + lda, *a2 = as + 2 * lda;
+  const uint8_t *u0 = au, *u1 = au + lda, *u2 = au + 2 * lda;
   for (int64_t k = 0; k < kc; k += 4) {
-    if constexpr (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(wp + k * 16 + 1024), _MM_HINT_T0);  // GEMV: stream
-    const __m256i w0 = ld(wp + k * 16), w1 = ld(wp + k * 16 + 32);
-#define FD_ROW(A, U, X0, X1)                                                                                  \
-  {                                                                                                           \
-    const __m256i s = bcast4(A + k);                                                                          \
-    __m256i p0, p1;                                                                                           \
-    if constexpr (kSwap) {                                                                                    \
-      p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(s, w0));                                \
-      p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(s, w1));                                \
-    } else {                                                                                                  \
-      const __m256i u = bcast4(U + k);                                                                        \
-      p0 = _mm256_maddubs_epi16(u, _mm256_sign_epi8(w0, s));                                                  \
-      p1 = _mm256_maddubs_epi16(u, _mm256_sign_epi8(w1, s));                                                  \
-    }                                                                                                         \
-    X0 = _mm256_add_epi32(X0, _mm256_madd_epi16(p0, ones));                                                   \
-    X1 = _mm256_add_epi32(X1, _mm256_madd_epi16(p1, ones));                                                   \
+#define FD_ROW(A, U, X0, X1)                                                      \
+  {                                                                               \
+    const __m256i s = bcast4(A + k);                                              \
+    __m256i p0, p1;                                                               \
+    if constexpr (kSwap) {                                                        \
+      p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(s, w0));    \
+      p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(s, w1));    \
+    } else {                                                                      \
+      const __m256i u = bcast4(U + k);                                            \
+      p0 = _mm256_maddubs_epi16(u, _mm256_sign_epi8(w0, s));                      \
+      p1 = _mm256_maddubs_epi16(u, _mm256_sign_epi8(w1, s));                      \
+    }                                                                             \
+    X0 = _mm256_add_epi32(X0, _mm256_madd_epi16(p0, ones));                       \
+    X1 = _mm256_add_epi32(X1, _mm256_madd_epi16(p1, ones));                       \
   }
-    FD_ROW(a0, u0, c00, c01)
-    if constexpr (MR > 1) FD_ROW(a1, u1, c10, c11)
-    if constexpr (MR > 2) FD_ROW(a2, u2, c20, c21)
-    if constexpr (MR > 3) FD_ROW(a3, u3, c30, c31)
+    {
+      if constexpr (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(wp + k * 16 + 1024), _MM_HINT_T0);  // GEMV
+      const __m256i w0 = ld(wp + k * 16), w1 = ld(wp + k * 16 + 32);
+      FD_ROW(a0, u0, c00, c01)
+      if constexpr (MR > 1) FD_ROW(a1, u1, c10, c11)
+      if constexpr (MR > 2) FD_ROW(a2, u2, c20, c21)
+    }
+    if constexpr (NP > 1) {
+      const int8_t* wq = wp + pstride;
+      if constexpr (MR == 1) _mm_prefetch(reinterpret_cast<const char*>(wq + k * 16 + 1024), _MM_HINT_T0);
+      const __m256i w0 = ld(wq + k * 16), w1 = ld(wq + k * 16 + 32);
+      FD_ROW(a0, u0, c02, c03)
+      if constexpr (MR > 1) FD_ROW(a1, u1, c12, c13)
+      if constexpr (MR > 2) FD_ROW(a2, u2, c22, c23)
+    }
 #undef FD_ROW
   }
-  const __m256i r[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+  const __m256i r[3][4] = {{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}};
   for (int i = 0; i < MR; ++i)
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < 2 * NP; ++h) {
       int32_t* o = c + i * kLdc + h * 8;
       st(o, accumulate ? _mm256_add_epi32(ld(o), r[i][h]) : r[i][h]);
     }
