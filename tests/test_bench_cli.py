@@ -22,7 +22,8 @@ def _fails(capsys, argv, message):
 
 
 def test_unknown_op(capsys):
-    _fails(capsys, ["bench", "--op", "quantize_per_token", "nope"], "--op: unknown 'nope'; expected one of distill_loss")
+    _fails(capsys, ["bench", "--op", "quantize_per_token", "nope"],
+           "--op: unknown 'nope'; expected one of distill_loss")
 
 
 def test_unknown_provider(capsys):

@@ -312,7 +312,8 @@ def test_benchmarks_harness_is_the_package_harness():
     shim = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(shim)
     for name in ("time_it", "PeakMemory", "run_worker", "summarize", "write_csv", "print_table", "finish",
-                 "environment", "describe", "copy_bandwidth_gbps", "liger_installed"):
+                 "environment", "describe", "copy_bandwidth_gbps", "liger_installed", "run_module_worker",
+                 "write_rows_csv"):
         assert getattr(shim, name) is getattr(harness, name), name
     assert shim.RESULTS == os.path.join(ROOT, "benchmarks", "results") == harness.RESULTS
 

@@ -14,7 +14,8 @@ LIGER_BETA = {"kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
 # rows x vocab (and the hidden sizes of the fused head) per shape set: "small" keeps a CPU run short,
 # "llm" is the GPU target of the loss issues (8192 tokens x Llama-3's 128256 vocabulary in bf16).
 LOSS_SHAPES = {"small": dict(rows=256, vocab=8192, dtype="float32"),
-               "llm": dict(rows=8192, vocab=128256, dtype="bfloat16"), "tiny": dict(rows=16, vocab=256, dtype="float32")}
+               "llm": dict(rows=8192, vocab=128256, dtype="bfloat16"),
+               "tiny": dict(rows=16, vocab=256, dtype="float32")}
 FUSED_SHAPES = {"small": dict(tokens=256, h_s=256, h_t=256, vocab=8192, dtype="float32"),
                 "llm": dict(tokens=8192, h_s=2048, h_t=4096, vocab=128256, dtype="bfloat16"),
                 "tiny": dict(tokens=16, h_s=32, h_t=48, vocab=256, dtype="float32")}

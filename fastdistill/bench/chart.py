@@ -12,7 +12,7 @@ COLORS = {"fastdistill": "#1f77b4", "eager": "#9e9e9e", "compile": "#7f7f7f", "p
 def missing() -> Optional[str]:
     """Why charts cannot be drawn here (None: they can)."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401  (pyflakes: only whether it imports)
     except ImportError:
         return "needs matplotlib (pip install matplotlib, or fastdistill[pipeline])"
     return None
