@@ -289,6 +289,8 @@ def test_chart_writes_one_png_per_op(tmp_path):
 
     result = _result()
     result["rows"] += [dict(r, op="op2") for r in result["rows"]]
+    result["rows"].append(dict(result["rows"][-2], provider="slow", kind="fastdistill", ms=400.0))
+    runner.add_ratios(result["rows"])  # op2's ratios span 400x: drawn on a log axis
     paths = chart.write_charts(result, str(tmp_path / "charts"))
     assert [os.path.basename(p) for p in paths] == ["bench_op_cpu.png", "bench_op2_cpu.png"]
     for p in paths:

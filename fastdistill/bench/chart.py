@@ -46,10 +46,14 @@ def write_charts(result: dict, directory: str) -> list[str]:
                          padding=2)
             ax.axvline(1.0, color="black", linewidth=0.8)
             ax.invert_yaxis()
-            ax.set_xlim(0, max(ratios) * 1.35)
+            if max(ratios) / min(ratios) > 20:  # 100x apart: a log axis keeps the small bars readable
+                ax.set_xscale("log")
+                ax.set_xlim(min(ratios) / 2, max(ratios) * 6)
+            else:
+                ax.set_xlim(0, max(ratios) * 1.35)
             ax.set_title(case, fontsize=9)
             ax.tick_params(labelsize=8)
-        axes[-1, 0].set_xlabel(f"speed vs the fastest baseline (x, higher is faster) — {device}")
+        axes[-1, 0].set_xlabel(f"speed vs the fastest baseline (x, higher is faster) - {device}")
         env = result.get("environment", {})
         fig.suptitle(f"{op} | {env.get('device', device)} | torch {env.get('torch', '')}", fontsize=9)
         fig.tight_layout()
