@@ -193,7 +193,9 @@ void gemm_typed(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K
   // avx2 with a -128 weight: the swapped form if A has no -128, else scalar (decided per chunk after the fill)
   const bool swap_or_scalar = base == Path::kAvx2 && (flags & kW8A8HasM128) != 0;
   const PathInfo info = path_info(base);
-  const int64_t mc = std::max<int64_t>(info.mr, std::min({M, kMaxChunk, kChunkBytes / (2 * lda)}) / info.mr * info.mr);
+  const int64_t mc_max = std::max<int64_t>(info.mr, std::min(kMaxChunk, kChunkBytes / (2 * lda)) / info.mr * info.mr);
+  const int64_t chunks = (M + mc_max - 1) / mc_max;  // even chunks: each one streams all of W
+  const int64_t mc = ((M + chunks - 1) / chunks + info.mr - 1) / info.mr * info.mr;
   // K blocks: a panel's block (16 x kc bytes per panel) stays in L1 while the chunk's rows pass over it
   const int64_t kc = std::min<int64_t>(K4, info.np == 2 ? 512 : 1024);
   // one buffer per calling thread, reused across calls (no allocation per call once grown)
@@ -230,9 +232,11 @@ void gemm_typed(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K
       const int8_t* wp = wpack + p * kW8A8Panel * K4;
       for (int64_t k0 = 0; k0 < K4; k0 += kc) {
         const int64_t kn = std::min(kc, K4 - k0);
-        for (int64_t r = 0; r < rows_n; r += pi.mr) {
-          const int mr = int(std::min<int64_t>(pi.mr, rows_n - r));
-          tile_for(path, mr, np)(mr, as + r * lda + k0, au + r * lda + k0, lda, wp + k0 * kW8A8Panel,
+        for (int64_t r = 0, mr; r < rows_n; r += mr) {
+          // even tile heights (16 rows: 3 3 3 3 2 2, not 3 3 3 3 3 1: a 1-row tile loads W once per row)
+          const int64_t left = rows_n - r, tiles = (left + pi.mr - 1) / pi.mr;
+          mr = (left + tiles - 1) / tiles;
+          tile_for(path, int(mr), np)(int(mr), as + r * lda + k0, au + r * lda + k0, lda, wp + k0 * kW8A8Panel,
                                  kW8A8Panel * K4, kn, k0 > 0, c + r * kLdc);
         }
       }
