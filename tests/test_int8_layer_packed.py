@@ -51,9 +51,9 @@ def _count_packed_calls(monkeypatch, mode="w8a8"):
 @pytest.mark.parametrize("smooth", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a8_packed_forward_bitwise(monkeypatch, trainable, smooth, bias):
+    calls = _count_packed_calls(monkeypatch)  # the layer takes its op when it packs
     layer = _layer(bias=bias, smooth=smooth, trainable=trainable)
     assert layer._packed is not None  # packed when quantized
-    calls = _count_packed_calls(monkeypatch)
     oracle = _unpacked(layer)
     for x in (_x(7, 40), _x(2, 3, 40, seed=2), _x(40, 9, seed=3).t(), _x(0, 40), _x(5, 40, dtype=torch.bfloat16)):
         with torch.no_grad():
@@ -68,9 +68,9 @@ def test_w8a8_packed_forward_bitwise(monkeypatch, trainable, smooth, bias):
 @pytest.mark.parametrize("trainable", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 def test_w8a16_packed_forward_close(monkeypatch, group_size, trainable, bias):
+    calls = _count_packed_calls(monkeypatch, "w8a16")
     layer = _layer(mode="w8a16", bias=bias, trainable=trainable, group_size=group_size)
     assert layer._packed is not None
-    calls = _count_packed_calls(monkeypatch, "w8a16")
     oracle = _unpacked(layer)
     for x in (_x(7, 40), _x(2, 3, 40, seed=2)):
         with torch.no_grad():
@@ -277,3 +277,12 @@ def test_module_pickled_before_the_packed_cache_loads():
     old.__setstate__(state)
     with torch.no_grad():
         assert torch.equal(old(x), layer(x))
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_output_does_not_depend_on_requires_grad(mode, trainable):
+    layer, x = _layer(mode=mode, trainable=trainable), _x(4, 40)
+    with torch.no_grad():
+        plain = layer(x)
+    assert torch.equal(layer(x.clone().requires_grad_()), plain)

@@ -244,7 +244,7 @@ class Int8Linear(nn.Module):
             return
         with torch.no_grad():
             self._packed = ops[0](w, self.group_size)
-        self._pack_key = (w, w._version)
+        self._pack_key = (w, w._version, ops[1])
 
     def _packed_weight(self, x: torch.Tensor):
         """The packed weight when the packed CPU kernels serve this call (rebuilt if weight_int8 was replaced or
@@ -254,7 +254,7 @@ class Int8Linear(nn.Module):
         backend = self.backend if self.backend != "auto" else os.environ.get("FASTDISTILL_BACKEND") or "auto"
         if backend not in ("auto", "cpu"):
             return None
-        key, w = self._pack_key, self.weight_int8
+        key, w = self._pack_key, self._buffers["weight_int8"]
         if key is None or key[0] is not w or key[1] != w._version:
             if w.device.type != "cpu" or w.is_inference():
                 return None
@@ -304,23 +304,26 @@ class Int8Linear(nn.Module):
         packed = self._packed_weight(x)
         grad = torch.is_grad_enabled() and (x.requires_grad or self.trainable)
         if packed is not None and not grad and x.dtype in KERNEL_DTYPES:
-            # the inference fast path: one fused call (smoothing, quantization, GEMM, epilogue), no autograd
-            w_scale, bias, inv = self.weight_scale, self.bias, self.smooth_inv
+            # the inference fast path: one fused call (smoothing, quantization, GEMM, epilogue), no autograd;
+            # the op's arguments were checked when packing (the dict lookups skip nn.Module.__getattr__)
+            bufs = self._buffers
+            w_scale, inv = bufs["weight_scale"], bufs["smooth_inv"]
+            bias = self._parameters.get("bias") if self.trainable else bufs.get("bias")
             if (w_scale.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
                     and (inv is None or inv.dtype == torch.float32)):
                 if x.shape[-1] != self.in_features:
                     raise ValueError(f"x: expected [..., {self.in_features}], got {tuple(x.shape)}")
-                return _packed_call(_packed_ops(self.mode)[1], self.mode, x, packed, w_scale, bias, inv)
+                return _packed_call(self._pack_key[2], self.mode, x, packed, w_scale, bias, inv)
         if self.smooth_inv is not None:
             x = x * self.smooth_inv.to(x.dtype)
         # .float(): a no-op unless model.to(float64/bf16/fp16) converted the scale buffer
         w_scale = self.weight_scale.float()
         if not self.trainable:
-            if self.mode == "w8a16" or not grad:  # w8a16: exact dx through int8_weight_only_linear
-                if packed is not None and not grad:
-                    return _int8_forward(x, self.weight_int8, w_scale, self.bias, self.mode, self.backend,
-                                         self.validate, packed)
-                return _int8_forward(x, self.weight_int8, w_scale, self.bias, self.mode, self.backend, self.validate)
+            # w8a16 without a packed copy: exact dx through int8_weight_only_linear's autograd; with one, the same
+            # dx (dy @ dequantized weight) through _StraightThrough, so outputs never depend on x.requires_grad
+            if not grad or (self.mode == "w8a16" and packed is None):
+                return _int8_forward(x, self.weight_int8, w_scale, self.bias, self.mode, self.backend, self.validate,
+                                     packed)
             return _StraightThrough.apply(x, None, self.bias, self.weight_int8, w_scale, self.mode, self.group_size,
                                           self.backend, self.validate, packed)
         return _StraightThrough.apply(x, self.weight, self.bias, self.weight_int8, w_scale, self.mode,
