@@ -71,4 +71,7 @@ step bench_fused_linear 90 $PY benchmarks/bench_fused_linear.py --device cuda --
 step bench_sparse 90 $PY benchmarks/bench_sparse.py --device cuda --kinds bsr 2:4 --m-24 1 16 8192 --reps 10 \
   --out sparse_h200 --csv-dir "$OUT"
 step bench_int8 90 $PY benchmarks/bench_int8.py --device cuda --out int8_h200 --csv-dir "$OUT"
+# Issue 15: the packaged suite (every op, every provider, llm shapes) in the same format as the CPU run.
+step bench_suite 300 $PY -m fastdistill bench --device cuda --shapes llm --reps 10 --op distill_loss \
+  fused_linear_distill_loss int8_linear int8_weight_only_linear --json "$OUT/bench_h200.json" --chart "$OUT"
 cat "$summary"

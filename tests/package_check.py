@@ -96,6 +96,11 @@ def main() -> int:
     print("smoke:", out.strip().splitlines()[-1])
     info = run([os.path.join(venv, "bin", "fastdistill"), "info"], cwd=outside, capture_output=True, text=True)
     assert "distill_loss" in info.stdout, info.stdout[-2000:]
+    # the benchmark suite ships in the wheel: it runs without the source tree
+    bench = run([os.path.join(venv, "bin", "fastdistill"), "bench", "--op", "quantize_per_token", "--reps", "2"],
+                cwd=outside, capture_output=True, text=True)
+    assert bench.returncode == 0 and "vs best baseline" in bench.stdout and "failed" not in bench.stdout, (
+        bench.stdout[-2000:] + bench.stderr[-2000:])
     times["smoke test"] = time.time() - start
 
     for step, seconds in times.items():

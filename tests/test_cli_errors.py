@@ -124,10 +124,3 @@ def test_unreadable_teacher_checkpoint(tmp_path, capsys):
     teacher = {**TINY["teacher"], "checkpoint": str(path)}
     assert main(["run", _config(tmp_path, tmp_path / "out", teacher=teacher), "--no-progress"]) == 2
     _one_line_error(capsys, "teacher.checkpoint: cannot load")
-
-
-def test_bench_left_the_cli(capsys):
-    """It ran benchmarks/ from the source tree, which a wheel does not ship."""
-    with pytest.raises(SystemExit) as info:
-        main(["bench"])
-    assert info.value.code == 2 and "invalid choice: 'bench'" in capsys.readouterr().err
