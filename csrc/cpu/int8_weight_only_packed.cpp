@@ -116,7 +116,7 @@ void large_m(const Problem& pb, const at::Tensor& xf, const float* bp, at::Tenso
     at::parallel_for(0, np, 1, [&](int64_t b, int64_t e) {
       float s[kPanel];
       for (int64_t j = b; j < e; ++j) {
-        const int8_t* q = pb.w + (pb0 + j) * K * kPanel;
+        const int8_t* q = pb.w + (pb0 + j) * w8a16::panel_stride(K);
         for (int64_t g = 0; g < pb.G; ++g) {
           w8a16::panel_scales(pb, pb0 + j, g, s);
           for (int64_t k = g * pb.gs; k < (g + 1) * pb.gs; ++k)
@@ -142,7 +142,7 @@ at::Tensor pack_w8a16(const at::Tensor& w, int64_t group_size) {
     for (int64_t p = b; p < e; ++p)
       for (int64_t l = 0; l < kPanel && p * kPanel + l < N; ++l) {
         const int8_t* row = src + (p * kPanel + l) * K;
-        int8_t* d = dst + p * K * kPanel + l;
+        int8_t* d = dst + p * w8a16::panel_stride(K) + l;
         for (int64_t k = 0; k < K; ++k) d[k * kPanel] = row[k];
       }
   });

@@ -1,5 +1,6 @@
 // W8A16 tiles on a packed int8 weight (issue 14; ops in csrc/cpu/int8_weight_only_packed.cpp).
-// Layout kLayout: panels of 8 output channels, [ceil(N / 8)][K][8] int8 (channels past N are zero), so at one k
+// Layout kLayout: panels of 8 output channels, [ceil(N / 8)][K][8] int8 (channels past N are zero; panels
+// panel_stride(K) bytes apart), so at one k
 // an 8-byte load holds 8 channels' weights: widened to fp32 (vpmovsxbd + vcvtdq2ps), multiplied by the
 // broadcast x[m, k] and added into 8 outputs at once: no horizontal sums, one FMA chain per output.
 // Summation order, the same on every path (the scalar path uses std::fma, so AVX2 and scalar give the same bits):
@@ -22,7 +23,10 @@ constexpr uint32_t kLayout = 1;
 constexpr int64_t kPanel = 8;
 
 inline int64_t panels(int64_t n) { return (n + kPanel - 1) / kPanel; }
-inline int64_t payload_bytes(int64_t n, int64_t k) { return panels(n) * kPanel * k; }
+// Bytes from one panel to the next: K * 8 rounded up to a cache line, plus one line, so that the panels a tile
+// reads together start in different L1 sets (at K * 8 = 32 KiB they all hit one set: 2x slower at M = 1).
+inline int64_t panel_stride(int64_t k) { return (k * kPanel + 63) / 64 * 64 + 64; }
+inline int64_t payload_bytes(int64_t n, int64_t k) { return panels(n) * panel_stride(k); }
 
 struct Problem {
   const float* x;    // rows of x in fp32 (the input itself or a widened / smoothed copy), row stride ldx
@@ -42,7 +46,7 @@ FD_INLINE void panel_scales(const Problem& pb, int64_t p, int64_t g, float* s) {
 // Any CPU: MB rows of x times panel p -> res[i * 8 + l] (no bias).
 template <int MB>
 void tile_scalar(const Problem& pb, const float* x, int64_t p, float* res) {
-  const int8_t* w = pb.w + p * pb.K * kPanel;
+  const int8_t* w = pb.w + p * panel_stride(pb.K);
   float s[kPanel];
   for (int i = 0; i < MB; ++i)
     for (int64_t l = 0; l < kPanel; ++l) res[i * kPanel + l] = 0.0f;
@@ -66,35 +70,51 @@ void tile_scalar(const Problem& pb, const float* x, int64_t p, float* res) {
 template <int MB, int NP>
 __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& pb, const float* x, int64_t p0, float* res) {
   const int64_t K = pb.K;
-  const int8_t* w = pb.w + p0 * K * kPanel;
-  __m256 tot[MB][NP];
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NP; ++j) tot[i][j] = _mm256_setzero_ps();
+  const int8_t* w = pb.w + p0 * panel_stride(K);
+  const int64_t ps = panel_stride(K);
+  // The running totals over groups live in res (memory): only the accumulators stay in registers. The i / j loops
+  // are unrolled early (pragmas) so that acc[][] becomes registers: else acc was stored to the stack every k.
+  for (int i = 0; i < MB * NP * kPanel; ++i) res[i] = 0.0f;
   for (int64_t g = 0; g < pb.G; ++g) {
     __m256 acc[MB][NP];
+    #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i)
+      #pragma GCC unroll 16
       for (int j = 0; j < NP; ++j) acc[i][j] = _mm256_setzero_ps();
     const int64_t k1 = (g + 1) * pb.gs;
     for (int64_t k = g * pb.gs; k < k1; ++k) {
-      __m256 wf[NP];
-      for (int j = 0; j < NP; ++j) {
-        const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + (j * K + k) * kPanel));
-        wf[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8));
-      }
-      for (int i = 0; i < MB; ++i) {
-        const __m256 xb = _mm256_broadcast_ss(x + i * pb.ldx + k);
-        for (int j = 0; j < NP; ++j) acc[i][j] = _mm256_fmadd_ps(xb, wf[j], acc[i][j]);
+      // One widened weight vector live at a time: with all NP of them next to the MB * NP accumulators, GCC
+      // kept the accumulators in memory (8 stores per k, M = 1 ran at half speed).
+      if constexpr (NP == 1) {
+        const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k * kPanel));
+        const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8));
+        #pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) acc[i][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + i * pb.ldx + k), wf, acc[i][0]);
+      } else {
+        __m256 xb[MB];
+        #pragma GCC unroll 16
+        for (int i = 0; i < MB; ++i) xb[i] = _mm256_broadcast_ss(x + i * pb.ldx + k);
+        #pragma GCC unroll 16
+        for (int j = 0; j < NP; ++j) {
+          const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + j * ps + k * kPanel));
+          const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8));
+          #pragma GCC unroll 16
+          for (int i = 0; i < MB; ++i) acc[i][j] = _mm256_fmadd_ps(xb[i], wf, acc[i][j]);
+        }
       }
     }
+    #pragma GCC unroll 16
     for (int j = 0; j < NP; ++j) {
       alignas(32) float s[kPanel];
       panel_scales(pb, p0 + j, g, s);
       const __m256 sv = _mm256_load_ps(s);
-      for (int i = 0; i < MB; ++i) tot[i][j] = _mm256_fmadd_ps(acc[i][j], sv, tot[i][j]);
+      #pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        float* r = res + (i * NP + j) * kPanel;
+        _mm256_storeu_ps(r, _mm256_fmadd_ps(acc[i][j], sv, _mm256_loadu_ps(r)));
+      }
     }
   }
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NP; ++j) _mm256_storeu_ps(res + (i * NP + j) * kPanel, tot[i][j]);
 }
 #endif
 
