@@ -144,16 +144,19 @@ def test_batch_dims_and_empty_inputs():
 
 
 def test_packed_layout():
-    """[ceil(N / 8)][K][8] int8 after a 64-byte header; channels past N are zero."""
+    """[ceil(N / 8)][K][8] int8 after a 64-byte header, panels round_up(8 K, 64) + 64 bytes apart; channels past
+    N and the padding are zero."""
     gen = torch.Generator().manual_seed(0)
-    q, _ = _weights(11, 6, 0, gen)
-    p = pack_w8a16(q, 3)
-    assert p.dtype == torch.uint8 and p.numel() == packed_w8a16_bytes(11, 6) == 64 + 16 * 6
-    padded = torch.cat([q, torch.zeros(5, 6, dtype=torch.int8)])
-    expected = padded.view(2, 8, 6).transpose(1, 2).contiguous().view(-1)
-    assert torch.equal(p[64:].view(torch.int8), expected)
+    q, _ = _weights(11, 10, 0, gen)
+    p = pack_w8a16(q, 5)
+    stride = 128 + 64  # 80 bytes of weights rounded to 128, plus one line
+    assert p.dtype == torch.uint8 and p.numel() == packed_w8a16_bytes(11, 10) == 64 + 2 * stride
+    padded = torch.cat([q, torch.zeros(5, 10, dtype=torch.int8)])
+    panels = torch.zeros(2, stride, dtype=torch.int8)
+    panels[:, :80] = padded.view(2, 8, 10).transpose(1, 2).reshape(2, 80)
+    assert torch.equal(p[64:].view(torch.int8), panels.view(-1))
     magic, version, kind, layout, n, k, kp, gs, nbytes = struct.unpack_from("<4I5q", p.numpy().tobytes())
-    assert (kind, n, k, kp, gs, nbytes) == (2, 11, 6, 6, 3, 96)
+    assert (kind, n, k, kp, gs, nbytes) == (2, 11, 10, 10, 5, 2 * stride)
 
 
 def _header_field(p, fmt, offset, value):

@@ -1,7 +1,7 @@
 """fastdistill.int8_weight_only_linear_packed: CPU W8A16 on an int8 weight packed once (issue 14).
 
-    pack_w8a16(w_int8, group_size=0) -> w_packed   a uint8 tensor: header + panels of 8 output channels
-                                                   ([ceil(N / 8)][K][8], csrc/include/fd_int8_w8a16.h)
+    pack_w8a16(w_int8, group_size=0) -> w_packed   a uint8 tensor: header + panels of 8 output channels, [K][8]
+                                                   each, panel_stride(K) apart (csrc/include/fd_int8_w8a16.h)
     int8_weight_only_linear_packed(x, w_packed, w_scale, bias, smooth_inv)
         int8_weight_only_linear's result (fp32 accumulation, within the tolerance table; deterministic, the same
         bits for any thread count) with x * smooth_inv.to(x.dtype) (rounded to x's dtype) in place of x.
@@ -23,9 +23,15 @@ PACK_HEADER_BYTES = 64
 PANEL = 8  # output channels per panel of the packed layout
 
 
+def panel_stride(K: int) -> int:
+    """Bytes from one panel to the next: K * 8 rounded up to a 64-byte line, plus one line (the panels a tile
+    reads together then start in different L1 sets)."""
+    return -(-K * PANEL // 64) * 64 + 64
+
+
 def packed_w8a16_bytes(N: int, K: int) -> int:
-    """Size of pack_w8a16's result for w_int8 [N, K]: header + panels of 8 channels x K."""
-    return PACK_HEADER_BYTES + -(-N // PANEL) * PANEL * K
+    """Size of pack_w8a16's result for w_int8 [N, K]: header + ceil(N / 8) panels of [K][8] bytes."""
+    return PACK_HEADER_BYTES + -(-N // PANEL) * panel_stride(K)
 
 
 def _fake_pack(w_int8, group_size):
