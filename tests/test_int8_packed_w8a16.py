@@ -45,7 +45,8 @@ def _bits(t):
 
 
 @pytest.mark.parametrize("M,N,K,gs", [(0, 7, 5, 0), (1, 1, 1, 0), (3, 7, 5, 0), (17, 33, 5, 0), (33, 7, 4097, 0),
-                                      (1, 33, 4097, 17), (3, 33, 12, 3), (17, 7, 12, 4), (2, 9, 64, 16)])
+                                      (1, 33, 4097, 17), (3, 33, 12, 3), (17, 7, 12, 4), (2, 9, 64, 16),
+                                      (70, 9, 33, 0), (66, 17, 12, 4)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_oracle_and_unpacked(M, N, K, gs, dtype):
     gen = torch.Generator().manual_seed(M * 1000 + N * 10 + K + gs)
@@ -60,7 +61,7 @@ def test_matches_oracle_and_unpacked(M, N, K, gs, dtype):
     assert_close_to_oracle(unpacked, oracle, int8_weight_only_linear_ref(x, q, s, bias, gs), msg="unpacked")
 
 
-@pytest.mark.parametrize("M", [1, 5, 20])
+@pytest.mark.parametrize("M", [1, 5, 20, 65])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_smooth_inv_is_x_times_smooth_rounded(M, dtype):
     """smooth_inv gives the bits of the op on (x * smooth_inv.to(x.dtype)) rounded to x's dtype."""
@@ -90,7 +91,7 @@ def test_scalar_and_avx2_tiles_same_bits(M, gs):
     assert_close_to_oracle(scalar, oracle, int8_weight_only_linear_ref(x, q, s, bias, gs), msg="scalar")
 
 
-@pytest.mark.parametrize("M", [3, 24])
+@pytest.mark.parametrize("M", [3, 24, 65])
 def test_same_bits_for_any_thread_count(M):
     gen = torch.Generator().manual_seed(M)
     q, s = _weights(200, 2048, 0, gen)  # M * N * K >= 2^20: the small-M path runs in parallel
@@ -108,7 +109,7 @@ def test_same_bits_for_any_thread_count(M):
     assert torch.equal(_bits(one), _bits(int8_weight_only_linear_packed(x, p, s)))
 
 
-@pytest.mark.parametrize("M", [4, 20])
+@pytest.mark.parametrize("M", [4, 20, 65])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_nan_inf_rows_propagate_to_their_row_only(M, dtype):
     gen = torch.Generator().manual_seed(M)

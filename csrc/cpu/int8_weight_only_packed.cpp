@@ -24,7 +24,7 @@ using w8a16::kPanel;
 using w8a16::Problem;
 
 constexpr int64_t kTaskPanels = 8;                 // 64 output channels per task
-constexpr int64_t kSmallM = 16;                    // above: dequantize + BLAS
+constexpr int64_t kSmallM = 64;                    // above: dequantize + BLAS (M = 64: tiles 1.3x faster)
 constexpr int64_t kSerialMacs = int64_t(1) << 20;  // below: the calling thread alone (a fork costs more)
 constexpr int64_t kBlockPanels = 32;               // 256 channels per dequantized block (large M)
 
