@@ -120,7 +120,8 @@ void large_m(const Problem& pb, const at::Tensor& xf, const float* bp, at::Tenso
         for (int64_t g = 0; g < pb.G; ++g) {
           w8a16::panel_scales(pb, pb0 + j, g, s);
           for (int64_t k = g * pb.gs; k < (g + 1) * pb.gs; ++k)
-            for (int64_t l = 0; l < kPanel; ++l) wb[k * ldb + j * kPanel + l] = static_cast<float>(q[k * kPanel + l]) * s[l];
+            for (int64_t l = 0; l < kPanel; ++l)
+              wb[k * ldb + j * kPanel + l] = static_cast<float>(q[k * kPanel + l]) * s[l];
         }
       }
     });

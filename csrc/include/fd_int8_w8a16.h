@@ -83,13 +83,13 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Problem& pb, const floa
       for (int j = 0; j < NP; ++j) acc[i][j] = _mm256_setzero_ps();
     const int64_t k1 = (g + 1) * pb.gs;
     for (int64_t k = g * pb.gs; k < k1; ++k) {
-      // One widened weight vector live at a time: with all NP of them next to the MB * NP accumulators, GCC
-      // kept the accumulators in memory (8 stores per k, M = 1 ran at half speed).
+      // One widened weight vector live at a time (MB * NP accumulators + MB broadcasts + 1 fit 16 registers).
       if constexpr (NP == 1) {
         const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w + k * kPanel));
         const __m256 wf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8));
         #pragma GCC unroll 16
-        for (int i = 0; i < MB; ++i) acc[i][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + i * pb.ldx + k), wf, acc[i][0]);
+        for (int i = 0; i < MB; ++i)
+          acc[i][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(x + i * pb.ldx + k), wf, acc[i][0]);
       } else {
         __m256 xb[MB];
         #pragma GCC unroll 16
