@@ -159,6 +159,26 @@ def test_parallel_deterministic(path, gen, monkeypatch):
     _assert_same(a, _expected(x, w, ws, None, None, torch.float32))
 
 
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_small_weight_rows_split(path, threads, gen, monkeypatch):
+    """A small weight (packed W within L2) with >= 96 rows: threads split the ROWS in one region (the demo's
+    layers; N = 21 is two panels, one of them partial), 48-row tasks with a 10-row tail:
+    same bits as the oracle at 1 and 2 threads."""
+    monkeypatch.setenv(PATH_ENV, path)
+    M, K, N = 202, 70, 21
+    w, ws = _weights(N, K, gen)
+    x = torch.randn(M, K, generator=gen)
+    bias = torch.randn(N, generator=gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = int8_linear_dynamic(x, pack_w8a8(w), ws, bias, None, torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    _assert_same(out, _expected(x, w, ws, bias, None, torch.float32))
+
 def _header_with(p, offset, fmt, value):
     q = p.clone()
     q[offset:offset + struct.calcsize(fmt)] = torch.tensor(list(struct.pack(fmt, value)), dtype=torch.uint8)

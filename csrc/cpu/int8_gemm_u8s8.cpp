@@ -170,6 +170,9 @@ FD_CLONES void shift_bytes(const int8_t* __restrict s, uint8_t* __restrict u, in
 constexpr int64_t kMaxChunk = 128;                    // rows of A per chunk (a task's int32 tiles: 16 KiB)
 constexpr int64_t kChunkBytes = int64_t(1) << 20;     // A buffer per chunk (signed + u8 rows)
 constexpr int64_t kSerialMacs = int64_t(1) << 21;     // below this a call runs on the calling thread
+constexpr int64_t kRowSplitWeightBytes = int64_t(1) << 18;  // packed W up to 256 KiB (half an L2): split rows
+constexpr int64_t kRowTask = 48;                             // rows per task then (a multiple of the tile heights)
+constexpr int64_t kSerialMacsByRows = int64_t(1) << 18;      // one parallel region is cheap next to 2^18 MACs
 
 template <typename F>
 void run_tasks(bool parallel, int64_t n, const F& body) {
@@ -188,14 +191,21 @@ void gemm_typed(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K
   const int64_t K4 = w8a8_k4(K), panels = w8a8_n16(N) / kW8A8Panel, lda = std::max<int64_t>(K4, 4);
   const int8_t* wpack = reinterpret_cast<const int8_t*>(payload);
   const int32_t* colsum = reinterpret_cast<const int32_t*>(payload + w8a8_n16(N) * K4);
-  const bool parallel = M * N * std::max<int64_t>(K, 1) >= kSerialMacs && at::get_num_threads() > 1;
+  const int64_t macs = M * N * std::max<int64_t>(K, 1);
+  const bool threads = at::get_num_threads() > 1;
   const bool vnni = base == Path::kVnni256 || base == Path::kVnni512 || base == Path::kVnniScalar;
-  // avx2 with a -128 weight: the swapped form if A has no -128, else scalar (decided per chunk after the fill)
+  // avx2 with a -128 weight: the swapped form if A has no -128, else scalar (decided per row set after the fill)
   const bool swap_or_scalar = base == Path::kAvx2 && (flags & kW8A8HasM128) != 0;
   const PathInfo info = path_info(base);
+  // Small weights (packed W within L2) with rows to share: threads split the rows, not the panels, in ONE
+  // parallel region; each task quantizes its rows and runs every panel over them (the demo's layers: N = 10 is a
+  // single panel, which a panel split would leave to one thread). Else M goes in chunks and threads split panels.
+  const int64_t w_bytes = w8a8_n16(N) * K4;
+  const bool by_rows = w_bytes <= kRowSplitWeightBytes && M * 2 * lda <= kChunkBytes && M >= 2 * kRowTask;
+  const bool parallel = threads && macs >= (by_rows ? kSerialMacsByRows : kSerialMacs);
   const int64_t mc_max = std::max<int64_t>(info.mr, std::min(kMaxChunk, kChunkBytes / (2 * lda)) / info.mr * info.mr);
-  const int64_t chunks = (M + mc_max - 1) / mc_max;  // even chunks: each one streams all of W
-  const int64_t mc = ((M + chunks - 1) / chunks + info.mr - 1) / info.mr * info.mr;
+  const int64_t chunks = by_rows ? 1 : (M + mc_max - 1) / mc_max;  // even chunks: each one streams all of W
+  const int64_t mc = by_rows ? M : ((M + chunks - 1) / chunks + info.mr - 1) / info.mr * info.mr;
   // K blocks: a panel's block (16 x kc bytes per panel) stays in L1 while the chunk's rows pass over it
   const int64_t kc = std::min<int64_t>(K4, info.np == 2 ? 512 : 1024);
   // one buffer per calling thread, reused across calls (no allocation per call once grown)
@@ -205,49 +215,69 @@ void gemm_typed(Path base, const W8A8Rows& rows, int64_t M, int64_t N, int64_t K
   int8_t* as = reinterpret_cast<int8_t*>(buf.data());
   uint8_t* au = buf.data() + mc * lda;
   float* xs = reinterpret_cast<float*>(buf.data() + 2 * mc * lda);
+
+  // Rows r0..r1 of the buffer <- rows m0 + r0.. of A, padded, with their u8 forms; true if one holds -128.
+  auto prepare = [&](int64_t m0, int64_t r0, int64_t r1) {
+    const bool m128 = rows.fill(m0 + r0, m0 + r1, as + r0 * lda, lda, xs + r0);
+    for (int64_t r = r0; r < r1; ++r) {
+      int8_t* a = as + r * lda;
+      uint8_t* u = au + r * lda;
+      std::memset(a + K, 0, lda - K);
+      if (base == Path::kAvx2 && !swap_or_scalar) {
+        abs_bytes(a, u, lda);
+      } else if (vnni) {
+        shift_bytes(a, u, lda);
+      }
+    }
+    return m128;
+  };
+  // Output rows m0 + r0 .. m0 + r1 (buffer rows r0..r1, at most kMaxChunk) x panels p .. p + np of `path`.
+  auto panel_rows = [&](Path path, int64_t m0, int64_t r0, int64_t r1, int64_t p) {
+    const PathInfo pi = path_info(path);
+    const int np = int(std::min<int64_t>(pi.np, panels - p));
+    const int64_t rows_n = r1 - r0;
+    alignas(64) int32_t c[kMaxChunk * kLdc];
+    const int8_t* wp = wpack + p * kW8A8Panel * K4;
+    for (int64_t k0 = 0; k0 < K4; k0 += kc) {
+      const int64_t kn = std::min(kc, K4 - k0);
+      for (int64_t r = 0, mr; r < rows_n; r += mr) {
+        // even tile heights (16 rows: 3 3 3 3 2 2, not 3 3 3 3 3 1: a 1-row tile loads W once per row)
+        const int64_t left = rows_n - r, tiles = (left + pi.mr - 1) / pi.mr;
+        mr = (left + tiles - 1) / tiles;
+        const int64_t b = (r0 + r) * lda + k0;
+        tile_for(path, int(mr), np)(int(mr), as + b, au + b, lda, wp + k0 * kW8A8Panel, kW8A8Panel * K4, kn, k0 > 0,
+                                    c + r * kLdc);
+      }
+    }
+    if (K4 == 0) std::memset(c, 0, sizeof(int32_t) * rows_n * kLdc);
+    const int64_t n0 = p * kW8A8Panel;
+    const int cols = int(std::min<int64_t>(np * kW8A8Panel, N - n0));
+    for (int64_t r = 0; r < rows_n; r += 8) {
+      store_tile(c + r * kLdc, int(std::min<int64_t>(8, rows_n - r)), cols, vnni ? colsum + n0 : nullptr,
+                 xs + r0 + r, ws + n0, bias == nullptr ? nullptr : bias + n0, out + (m0 + r0 + r) * N + n0, N);
+    }
+  };
+  auto path_for = [&](bool a_m128) { return !swap_or_scalar ? base : a_m128 ? Path::kScalar : Path::kAvx2Swap; };
+
+  if (by_rows) {
+    run_tasks(parallel, (M + kRowTask - 1) / kRowTask, [&](int64_t t) {
+      const int64_t r0 = t * kRowTask, r1 = std::min(M, r0 + kRowTask);
+      const Path path = path_for(prepare(0, r0, r1));
+      for (int64_t p = 0; p < panels; p += path_info(path).np) panel_rows(path, 0, r0, r1, p);
+    });
+    return;
+  }
   for (int64_t m0 = 0; m0 < M; m0 += mc) {
     const int64_t rows_n = std::min(mc, M - m0);
     std::atomic<bool> a_m128{false};
     constexpr int64_t kRowBlock = 8;
     run_tasks(parallel, (rows_n + kRowBlock - 1) / kRowBlock, [&](int64_t t) {
       const int64_t r0 = t * kRowBlock, r1 = std::min(rows_n, r0 + kRowBlock);
-      if (rows.fill(m0 + r0, m0 + r1, as + r0 * lda, lda, xs + r0)) a_m128.store(true, std::memory_order_relaxed);
-      for (int64_t r = r0; r < r1; ++r) {
-        int8_t* s = as + r * lda;
-        uint8_t* u = au + r * lda;
-        std::memset(s + K, 0, lda - K);
-        if (base == Path::kAvx2 && !swap_or_scalar) {
-          abs_bytes(s, u, lda);
-        } else if (vnni) {
-          shift_bytes(s, u, lda);
-        }
-      }
+      if (prepare(m0, r0, r1)) a_m128.store(true, std::memory_order_relaxed);
     });
-    const Path path = !swap_or_scalar ? base : a_m128.load() ? Path::kScalar : Path::kAvx2Swap;
-    const PathInfo pi = path_info(path);
-    run_tasks(parallel, (panels + pi.np - 1) / pi.np, [&](int64_t t) {
-      const int64_t p = t * pi.np;
-      const int np = int(std::min<int64_t>(pi.np, panels - p));
-      alignas(64) int32_t c[kMaxChunk * kLdc];
-      const int8_t* wp = wpack + p * kW8A8Panel * K4;
-      for (int64_t k0 = 0; k0 < K4; k0 += kc) {
-        const int64_t kn = std::min(kc, K4 - k0);
-        for (int64_t r = 0, mr; r < rows_n; r += mr) {
-          // even tile heights (16 rows: 3 3 3 3 2 2, not 3 3 3 3 3 1: a 1-row tile loads W once per row)
-          const int64_t left = rows_n - r, tiles = (left + pi.mr - 1) / pi.mr;
-          mr = (left + tiles - 1) / tiles;
-          tile_for(path, int(mr), np)(int(mr), as + r * lda + k0, au + r * lda + k0, lda, wp + k0 * kW8A8Panel,
-                                 kW8A8Panel * K4, kn, k0 > 0, c + r * kLdc);
-        }
-      }
-      if (K4 == 0) std::memset(c, 0, sizeof(int32_t) * rows_n * kLdc);
-      const int64_t n0 = p * kW8A8Panel;
-      const int cols = int(std::min<int64_t>(np * kW8A8Panel, N - n0));
-      for (int64_t r = 0; r < rows_n; r += 8) {
-        store_tile(c + r * kLdc, int(std::min<int64_t>(8, rows_n - r)), cols, vnni ? colsum + n0 : nullptr, xs + r,
-                   ws + n0, bias == nullptr ? nullptr : bias + n0, out + (m0 + r) * N + n0, N);
-      }
-    });
+    const Path path = path_for(a_m128.load());
+    const int64_t np = path_info(path).np;
+    run_tasks(parallel, (panels + np - 1) / np, [&](int64_t t) { panel_rows(path, m0, 0, rows_n, t * np); });
   }
 }
 
