@@ -17,8 +17,9 @@ from fastdistill.nn import (DistillLoss, FusedLinearDistillLoss, FusedLinearSamp
                             SparseLinear)
 from fastdistill.ops import (block_sparse_linear, distill_loss, fused_linear_distill_loss,  # noqa: E402
                              fused_linear_sampled_distill_loss, fused_linear_topk_distill_loss, hidden_distill_loss,
-                             int8_linear, int8_weight_only_linear, quantize_per_token, sampled_distill_loss,
-                             semi_structured_linear, topk_distill_loss)
+                             int8_linear, int8_linear_dynamic, int8_weight_only_linear,
+                             int8_weight_only_linear_packed, pack_w8a8, pack_w8a16, quantize_per_token,
+                             sampled_distill_loss, semi_structured_linear, topk_distill_loss)
 
 
 def info() -> dict:
@@ -46,5 +47,6 @@ __all__ = ["DistillLoss", "FusedLinearDistillLoss", "FusedLinearSampledDistillLo
            "HiddenDistillLoss", "Int8Linear", "SampledDistillLoss", "SparseLinear", "TeacherCache", "TeacherTargets",
            "block_sparse_linear", "collate_sampled", "collate_topk", "distill_loss", "fused_linear_distill_loss",
            "fused_linear_sampled_distill_loss", "fused_linear_topk_distill_loss", "hidden_distill_loss", "info",
-           "int8_linear", "int8_weight_only_linear", "quant", "quantize_per_token", "sampled_distill_loss",
+           "int8_linear", "int8_linear_dynamic", "int8_weight_only_linear", "int8_weight_only_linear_packed",
+           "pack_w8a16", "pack_w8a8", "quant", "quantize_per_token", "sampled_distill_loss",
            "semi_structured_linear", "sparse", "topk_distill_loss", "__version__"]

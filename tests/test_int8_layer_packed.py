@@ -286,3 +286,15 @@ def test_output_does_not_depend_on_requires_grad(mode, trainable):
     with torch.no_grad():
         plain = layer(x)
     assert torch.equal(layer(x.clone().requires_grad_()), plain)
+
+
+def test_w8a16_layer_with_the_dense_backend():
+    """Regression: Int8Linear(mode="w8a16", backend="dense") raised in its constructor (the weight was quantized
+    with backend "dense", which quantize_per_token lacks); the weight quantizer now takes auto (same bits)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 7)
+    layer = Int8Linear.from_linear(lin, "w8a16", backend="dense")
+    ref = Int8Linear.from_linear(lin, "w8a16")
+    assert torch.equal(layer.weight_int8, ref.weight_int8) and torch.equal(layer.weight_scale, ref.weight_scale)
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(layer(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -16,6 +16,10 @@
 #include "fd_checks.h"
 #include "fd_cpu_isa.h"
 #include "fd_int8_cpu.h"
+
+#if FD_X86
+#include <immintrin.h>
+#endif
 #include "fd_int8_gemm.h"
 #include "fd_int8_pack.h"
 
@@ -57,7 +61,7 @@ FD_CLONES uint32_t row_absmax_bits(const float* x, int64_t K) {
 // q = rint(clamp((x * pre) * inv, -127, 127)); nearbyintf rounds half to even (default rounding mode).
 // pre is 1 (an exact no-op) except for tiny rows, where it is 2^64 (see quantize_row).
 template <bool kPre>
-FD_CLONES void row_quantize(const float* x, int64_t K, float pre, float inv, int8_t* q) {
+FD_CLONES void row_quantize_portable(const float* x, int64_t K, float pre, float inv, int8_t* q) {
 #pragma omp simd
   for (int64_t k = 0; k < K; ++k) {
     float v = (kPre ? x[k] * pre : x[k]) * inv;
@@ -65,6 +69,36 @@ FD_CLONES void row_quantize(const float* x, int64_t K, float pre, float inv, int
     v = v < -127.0f ? -127.0f : v;
     q[k] = static_cast<int8_t>(static_cast<int32_t>(__builtin_nearbyintf(v)));
   }
+}
+
+#if FD_X86
+// The same formula 8 values at a time: GCC leaves nearbyintf scalar in the loop above (it was half of a small
+// layer's time). vcvtps2dq rounds by MXCSR (round to nearest even by default, as nearbyintf); |v| <= 127 after
+// the clamp, so no conversion overflows; the two multiplies stay separate (no FMA).
+template <bool kPre>
+__attribute__((target("avx2"))) void row_quantize_avx2(const float* x, int64_t K, float pre, float inv, int8_t* q) {
+  const __m256 vpre = _mm256_set1_ps(pre), vinv = _mm256_set1_ps(inv);
+  const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_loadu_ps(x + k);
+    if constexpr (kPre) v = _mm256_mul_ps(v, vpre);
+    v = _mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(v, vinv), hi), lo);
+    const __m256i i = _mm256_cvtps_epi32(v);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(w, w));
+  }
+  row_quantize_portable<kPre>(x + k, K - k, pre, inv, q + k);
+}
+#endif
+
+template <bool kPre>
+FD_INLINE void row_quantize(const float* x, int64_t K, float pre, float inv, int8_t* q) {
+#if FD_X86 && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return row_quantize_avx2<kPre>(x, K, pre, inv, q);
+#endif
+  row_quantize_portable<kPre>(x, K, pre, inv, q);
 }
 
 // One row by the rule in csrc/ops.cpp: NaN row -> scale NaN, inf row -> scale inf, zero row -> scale 0, all

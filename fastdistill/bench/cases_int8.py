@@ -109,10 +109,7 @@ def build_w8a16(p: dict, provider: str, device: str):
     if provider in ("torch-linear", "torchao-w8a16"):
         return _inference(_peer_float(provider, lin, x))
     if provider.startswith("fastdistill-"):
-        # Quantized with backend "auto" (the same bits on every backend): Int8Linear(backend="dense") fails in
-        # its constructor (it quantizes the weight with that backend, which quantize_per_token lacks).
-        layer = Int8Linear.from_linear(lin, "w8a16").eval()
-        layer.backend = backend_of(provider)
+        layer = Int8Linear.from_linear(lin, "w8a16", backend=backend_of(provider)).eval()
         return _inference(lambda: layer(x))
     wq, ws = quantize_weight_ref(lin.weight)
     bias = lin.bias.detach().float()

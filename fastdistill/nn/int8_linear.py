@@ -29,6 +29,7 @@ import os
 import torch
 from torch import nn
 
+from fastdistill import dispatch
 from fastdistill.ops.int8_linear import int8_linear
 from fastdistill.ops.int8_weight_only_linear import int8_weight_only_linear
 from fastdistill.ops.quantize_per_token import quantize_per_token
@@ -57,6 +58,13 @@ def _packed_ops(mode: str):
             ops = None
         _PACKED_OPS[mode] = ops
     return _PACKED_OPS[mode]
+
+
+def _cpu_backend(backend: str) -> bool:
+    """The packed CPU kernels serve `backend` (auto resolves through FASTDISTILL_BACKEND like dispatch.select)."""
+    if backend == "auto":
+        backend = os.environ.get("FASTDISTILL_BACKEND") or "auto"
+    return backend in ("auto", "cpu")
 
 
 def _packed_call(op, mode, x, packed, w_scale, bias, smooth_inv):
@@ -98,6 +106,8 @@ def quantize_weight(w: torch.Tensor, group_size: int = 0, backend: str = "auto")
     """Symmetric per-channel (group_size 0) or per-group int8 weight: the per-token kernel on rows / groups
     (same formula as quantize_weight_ref, same bits)."""
     N, K = w.shape
+    if backend not in dispatch.OP_BACKENDS["quantize_per_token"]:  # e.g. W8A16's "dense": every backend, same bits
+        backend = "auto"
     q, s = quantize_per_token(w.detach().float().reshape(-1, group_size or K), backend=backend)
     return q.reshape(N, K), (s if not group_size else s.reshape(N, K // group_size))
 
@@ -251,8 +261,7 @@ class Int8Linear(nn.Module):
         edited in place), else None: other devices and backends, validate=True, torch.compile."""
         if x.device.type != "cpu" or self.validate or torch.compiler.is_compiling():
             return None
-        backend = self.backend if self.backend != "auto" else os.environ.get("FASTDISTILL_BACKEND") or "auto"
-        if backend not in ("auto", "cpu"):
+        if not _cpu_backend(self.backend):
             return None
         key, w = self._pack_key, self._buffers["weight_int8"]
         if key is None or key[0] is not w or key[1] != w._version:
@@ -260,6 +269,22 @@ class Int8Linear(nn.Module):
                 return None
             self._pack()
         return self._packed
+
+    def _inference(self, x: torch.Tensor, packed: torch.Tensor):
+        """The inference fast path: one fused call (smoothing, quantization, GEMM, epilogue), no autograd; None
+        where it does not apply (float64 x, buffers converted by model.to(dtype)). The op's arguments were checked
+        when packing (the dict lookups skip nn.Module.__getattr__)."""
+        if x.dtype not in KERNEL_DTYPES:
+            return None
+        bufs = self._buffers
+        w_scale, inv = bufs["weight_scale"], bufs["smooth_inv"]
+        bias = self._parameters.get("bias") if self.trainable else bufs.get("bias")
+        if (w_scale.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32)
+                or (inv is not None and inv.dtype != torch.float32)):
+            return None
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: expected [..., {self.in_features}], got {tuple(x.shape)}")
+        return _packed_call(self._pack_key[2], self.mode, x, packed, w_scale, bias, inv)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the int8 layer multiplies by (smoothing undone)."""
@@ -299,21 +324,21 @@ class Int8Linear(nn.Module):
                 self._qversion = self.weight._version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = self._pack_key
+        if (key is not None and not torch.compiler.is_compiling() and not self.trainable and x.is_cpu
+                and not (x.requires_grad and torch.is_grad_enabled()) and key[0] is self._buffers["weight_int8"]
+                and key[1] == key[0]._version and not self.validate and _cpu_backend(self.backend)):
+            out = self._inference(x, self._packed)  # the common case in a few checks (small layers pay per call)
+            if out is not None:
+                return out
         if self.trainable:
             self._refresh()
         packed = self._packed_weight(x)
         grad = torch.is_grad_enabled() and (x.requires_grad or self.trainable)
-        if packed is not None and not grad and x.dtype in KERNEL_DTYPES:
-            # the inference fast path: one fused call (smoothing, quantization, GEMM, epilogue), no autograd;
-            # the op's arguments were checked when packing (the dict lookups skip nn.Module.__getattr__)
-            bufs = self._buffers
-            w_scale, inv = bufs["weight_scale"], bufs["smooth_inv"]
-            bias = self._parameters.get("bias") if self.trainable else bufs.get("bias")
-            if (w_scale.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-                    and (inv is None or inv.dtype == torch.float32)):
-                if x.shape[-1] != self.in_features:
-                    raise ValueError(f"x: expected [..., {self.in_features}], got {tuple(x.shape)}")
-                return _packed_call(self._pack_key[2], self.mode, x, packed, w_scale, bias, inv)
+        if packed is not None and not grad:
+            out = self._inference(x, packed)
+            if out is not None:
+                return out
         if self.smooth_inv is not None:
             x = x * self.smooth_inv.to(x.dtype)
         # .float(): a no-op unless model.to(float64/bf16/fp16) converted the scale buffer
