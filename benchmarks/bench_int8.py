@@ -112,14 +112,14 @@ def worker(spec: dict) -> dict:
         fn = build(spec["provider"], spec["mode"], spec["M"], spec["K"], spec["N"], device)
         for _ in range(2):  # compile / autotune / first touch
             out = fn()
-        # timed first, alone: PeakMemory's sampling thread would share the 2 cores with sub-ms CPU calls
-        times = harness.time_it(lambda _: fn(), device=device, warmup=1, reps=spec["reps"])
+        if spec.get("part") == "time":  # alone: PeakMemory's sampling thread would share the 2 cores
+            return harness.summarize(harness.time_it(lambda _: fn(), device=device, warmup=1, reps=spec["reps"]))
         with harness.PeakMemory(device) as peak:
             harness.time_it(lambda _: fn(), device=device, warmup=0, reps=min(spec["reps"], 5))
         from fastdistill.testing import sqnr
         ref = build("fp32-linear", spec["mode"], spec["M"], spec["K"], spec["N"], device)()
     db = sqnr(out.float(), ref.float()) if out.is_floating_point() else None  # int_mm-raw: int32 sums
-    return {**harness.summarize(times), "peak_mem_mb": peak.extra / 2**20, "sqnr_db": db}
+    return {"peak_mem_mb": peak.extra / 2**20, "sqnr_db": db}
 
 
 def _ratios(results: list[dict]) -> None:
@@ -167,7 +167,9 @@ def main(argv=None) -> int:
                 fast = not gpu and (M <= 16 or mode == "demo-mlp")  # sub-ms calls: more reps for a stable median
                 spec = dict(provider=provider, mode=mode, M=M, K=K, N=N, device=args.device,
                             reps=min(reps, 2) if slow else reps * 20 if fast else reps, threads=args.threads)
-                r = harness.run_worker(__file__, spec)
+                # two workers: timing with glibc's heap as users run it, memory with exact RSS (harness._run_json)
+                r = harness.run_worker(__file__, {**spec, "part": "time"}, exact_rss=False)
+                r = {**r, **harness.run_worker(__file__, {**spec, "part": "memory"})}
                 results.append({**env, "op": "int8_linear", "mode": mode, "M": M, "K": K, "N": N,
                                 "threads": args.threads or torch.get_num_threads(), "provider": provider, **r})
                 print(f"  {mode} M={M:5d} {provider:>18}: {harness.describe(r)}", flush=True)
