@@ -44,12 +44,13 @@ register_native(("int8_linear_dynamic_cpu",), _fake_dynamic)
 _EXT_ERROR = _ext.load_error()  # read once at import (a cached call inside a torch.compile trace warns)
 
 
-def _require_ext(op: str) -> None:
+def require_extension(op: str) -> None:
+    """The packed ops (w8a8 here, w8a16 in int8_weight_only_packed) exist only in the compiled extension."""
     if _EXT_ERROR is not None:
         raise RuntimeError(f"{op}: needs the compiled extension fastdistill._C ({_EXT_ERROR})")
 
 
-def _check_cpu(name: str, t: torch.Tensor) -> None:
+def check_cpu(name: str, t: torch.Tensor) -> None:
     if t.device.type != "cpu":
         raise ValueError(f"{name}: expected a CPU tensor (packed int8 weights are CPU-only), got {t.device}")
 
@@ -58,10 +59,10 @@ def pack_w8a8(w_int8: torch.Tensor) -> torch.Tensor:
     """w_int8 [N, K] int8 (CPU) -> its packed form for int8_linear_dynamic (a 1-D uint8 tensor). Pack once per
     weight (when a layer is quantized, frozen or loaded); never save it: the layout may change between versions."""
     check_int8("w_int8", w_int8, dim=2)
-    _check_cpu("w_int8", w_int8)
+    check_cpu("w_int8", w_int8)
     if w_int8.shape[1] > MAX_K:
         raise ValueError(f"w_int8: K = {w_int8.shape[1]} > {MAX_K}: int32 accumulators could overflow (split K)")
-    _require_ext("pack_w8a8")
+    require_extension("pack_w8a8")
     return native("int8_pack_w8a8_cpu")(w_int8.detach().contiguous())
 
 
@@ -99,11 +100,11 @@ def int8_linear_dynamic(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.
             raise ValueError(f"smooth_inv: expected shape ({K},) to match x (..., {K}), got {tuple(smooth_inv.shape)}")
     for name, t in (("x", x), ("w_packed", w_packed), ("w_scale", w_scale), ("smooth_inv", smooth_inv)):
         if t is not None:
-            _check_cpu(name, t)
+            check_cpu(name, t)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {OUT_DTYPES}, got {out_dtype}")
-    _require_ext("int8_linear_dynamic")
+    require_extension("int8_linear_dynamic")
     lead = x.shape[:-1]
     out = native("int8_linear_dynamic_cpu")(
         contiguous_rows(x.detach()), w_packed.contiguous(), w_scale.detach().contiguous(),

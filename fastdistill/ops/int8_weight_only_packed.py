@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from fastdistill import _ext
 from fastdistill.ops.common import check_float, contiguous_rows, native, register_native
 from fastdistill.ops.int8_linear import OUT_DTYPES, check_bias, check_int8
+from fastdistill.ops.int8_linear_packed import check_cpu, require_extension
 
 PACK_HEADER_BYTES = 64
 PANEL = 8  # output channels per panel of the packed layout
@@ -45,31 +45,19 @@ def _fake_linear(x, w_packed, w_scale, bias, smooth_inv):
 register_native(("int8_pack_w8a16_cpu",), _fake_pack)
 register_native(("int8_weight_only_linear_packed_cpu",), _fake_linear)
 
-_EXT_ERROR = _ext.load_error()  # read once at import (a cached call inside a torch.compile trace warns)
-
-
-def _require_ext(op: str) -> None:
-    if _EXT_ERROR is not None:
-        raise RuntimeError(f"{op}: needs the compiled extension fastdistill._C ({_EXT_ERROR})")
-
-
-def _check_cpu(name: str, t: torch.Tensor) -> None:
-    if t.device.type != "cpu":
-        raise ValueError(f"{name}: expected a CPU tensor (packed int8 weights are CPU-only), got {t.device}")
-
 
 def pack_w8a16(w_int8: torch.Tensor, group_size: int = 0) -> torch.Tensor:
     """w_int8 [N, K] int8 (CPU) -> its packed form for int8_weight_only_linear_packed (a 1-D uint8 tensor).
     group_size: 0 for per-output-channel scales w_scale [N], else the scale group along K (dividing K) of
     w_scale [N, K // group_size]. Pack once per weight; never save it: the layout may change between versions."""
     check_int8("w_int8", w_int8, dim=2)
-    _check_cpu("w_int8", w_int8)
+    check_cpu("w_int8", w_int8)
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"group_size: expected an int, got {type(group_size).__name__}")
     K = w_int8.shape[1]
     if group_size < 0 or (group_size > 0 and K % group_size != 0):
         raise ValueError(f"group_size: {group_size} must be 0 (per channel) or a positive divisor of K = {K}")
-    _require_ext("pack_w8a16")
+    require_extension("pack_w8a16")
     return native("int8_pack_w8a16_cpu")(w_int8.detach().contiguous(), group_size)
 
 
@@ -105,8 +93,8 @@ def int8_weight_only_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_sc
             raise ValueError(f"smooth_inv: expected shape ({K},) to match x (..., {K}), got {tuple(smooth_inv.shape)}")
     for name, t in (("x", x), ("w_packed", w_packed), ("w_scale", w_scale), ("smooth_inv", smooth_inv)):
         if t is not None:
-            _check_cpu(name, t)
-    _require_ext("int8_weight_only_linear_packed")
+            check_cpu(name, t)
+    require_extension("int8_weight_only_linear_packed")
     lead = x.shape[:-1]
     out = native("int8_weight_only_linear_packed_cpu")(
         contiguous_rows(x.detach()), w_packed.contiguous(), w_scale.detach().contiguous(),
