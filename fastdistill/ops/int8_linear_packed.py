@@ -55,6 +55,38 @@ def check_cpu(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected a CPU tensor (packed int8 weights are CPU-only), got {t.device}")
 
 
+def check_packed_inputs(pack: str, x, w_packed, w_scale, bias, smooth_inv, scale_dims) -> tuple[int, int]:
+    """The argument checks shared by the packed int8 ops (the kernels check the header); returns (K, N)."""
+    check_float("x", x)
+    if x.dtype not in OUT_DTYPES:
+        raise TypeError(f"x: expected one of {OUT_DTYPES}, got {x.dtype}")
+    if not isinstance(w_packed, torch.Tensor):
+        raise TypeError(f"w_packed: expected a torch.Tensor from {pack}, got {type(w_packed).__name__}")
+    if w_packed.dtype != torch.uint8 or w_packed.dim() != 1:
+        raise ValueError(f"w_packed: expected a 1-D uint8 tensor from {pack}, got {w_packed.dtype} of shape "
+                         f"{tuple(w_packed.shape)}")
+    if not isinstance(w_scale, torch.Tensor):
+        raise TypeError(f"w_scale: expected a torch.Tensor, got {type(w_scale).__name__}")
+    if w_scale.dtype != torch.float32:
+        raise TypeError(f"w_scale: expected float32, got {w_scale.dtype}")
+    if w_scale.dim() not in scale_dims:
+        want = "(N,)" if scale_dims == (1,) else "(N,) or (N, K // group_size)"
+        raise ValueError(f"w_scale: expected shape {want}, got {tuple(w_scale.shape)}")
+    K, N = x.shape[-1], w_scale.shape[0]
+    check_bias(bias, N, x.device)
+    if smooth_inv is not None:
+        if not isinstance(smooth_inv, torch.Tensor):
+            raise TypeError(f"smooth_inv: expected a torch.Tensor or None, got {type(smooth_inv).__name__}")
+        if smooth_inv.dtype != torch.float32:
+            raise TypeError(f"smooth_inv: expected float32, got {smooth_inv.dtype}")
+        if tuple(smooth_inv.shape) != (K,):
+            raise ValueError(f"smooth_inv: expected shape ({K},) to match x (..., {K}), got {tuple(smooth_inv.shape)}")
+    for name, t in (("x", x), ("w_packed", w_packed), ("w_scale", w_scale), ("smooth_inv", smooth_inv)):
+        if t is not None:
+            check_cpu(name, t)
+    return K, N
+
+
 def pack_w8a8(w_int8: torch.Tensor) -> torch.Tensor:
     """w_int8 [N, K] int8 (CPU) -> its packed form for int8_linear_dynamic (a 1-D uint8 tensor). Pack once per
     weight (when a layer is quantized, frozen or loaded); never save it: the layout may change between versions."""
@@ -73,34 +105,9 @@ def int8_linear_dynamic(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.
     w_scale [N] float32, optional bias [N] and smooth_inv [K] float32 (x * smooth_inv.to(x.dtype) is quantized)
     -> [..., N] in out_dtype (default x.dtype). Bitwise equal to quantize_per_token + int8_linear on the same weight.
     Not differentiable (use Int8Linear to train)."""
-    check_float("x", x)
-    if x.dtype not in OUT_DTYPES:
-        raise TypeError(f"x: expected one of {OUT_DTYPES}, got {x.dtype}")
-    if not isinstance(w_packed, torch.Tensor):
-        raise TypeError(f"w_packed: expected a torch.Tensor from pack_w8a8, got {type(w_packed).__name__}")
-    if w_packed.dtype != torch.uint8 or w_packed.dim() != 1:
-        raise ValueError(f"w_packed: expected a 1-D uint8 tensor from pack_w8a8, got {w_packed.dtype} of shape "
-                         f"{tuple(w_packed.shape)}")
-    if not isinstance(w_scale, torch.Tensor):
-        raise TypeError(f"w_scale: expected a torch.Tensor, got {type(w_scale).__name__}")
-    if w_scale.dtype != torch.float32:
-        raise TypeError(f"w_scale: expected float32, got {w_scale.dtype}")
-    if w_scale.dim() != 1:
-        raise ValueError(f"w_scale: expected shape (N,), got {tuple(w_scale.shape)}")
-    K, N = x.shape[-1], w_scale.shape[0]
+    K, N = check_packed_inputs("pack_w8a8", x, w_packed, w_scale, bias, smooth_inv, scale_dims=(1,))
     if K > MAX_K:
         raise ValueError(f"x: K = {K} > {MAX_K}: int32 accumulators could overflow (split K)")
-    check_bias(bias, N, x.device)
-    if smooth_inv is not None:
-        if not isinstance(smooth_inv, torch.Tensor):
-            raise TypeError(f"smooth_inv: expected a torch.Tensor or None, got {type(smooth_inv).__name__}")
-        if smooth_inv.dtype != torch.float32:
-            raise TypeError(f"smooth_inv: expected float32, got {smooth_inv.dtype}")
-        if tuple(smooth_inv.shape) != (K,):
-            raise ValueError(f"smooth_inv: expected shape ({K},) to match x (..., {K}), got {tuple(smooth_inv.shape)}")
-    for name, t in (("x", x), ("w_packed", w_packed), ("w_scale", w_scale), ("smooth_inv", smooth_inv)):
-        if t is not None:
-            check_cpu(name, t)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {OUT_DTYPES}, got {out_dtype}")

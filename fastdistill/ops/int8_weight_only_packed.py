@@ -15,9 +15,9 @@ from typing import Optional
 
 import torch
 
-from fastdistill.ops.common import check_float, contiguous_rows, native, register_native
-from fastdistill.ops.int8_linear import OUT_DTYPES, check_bias, check_int8
-from fastdistill.ops.int8_linear_packed import check_cpu, require_extension
+from fastdistill.ops.common import contiguous_rows, native, register_native
+from fastdistill.ops.int8_linear import check_int8
+from fastdistill.ops.int8_linear_packed import check_cpu, check_packed_inputs, require_extension
 
 PACK_HEADER_BYTES = 64
 PANEL = 8  # output channels per panel of the packed layout
@@ -68,32 +68,7 @@ def int8_weight_only_linear_packed(x: torch.Tensor, w_packed: torch.Tensor, w_sc
     float32 [N] (group_size 0) or [N, K // group_size], optional bias [N] (any float dtype) and smooth_inv [K]
     float32 (x * smooth_inv.to(x.dtype) is multiplied) -> [..., N] in x's dtype. inf/NaN in x propagate to their
     rows. Not differentiable (use Int8Linear to train)."""
-    check_float("x", x)
-    if x.dtype not in OUT_DTYPES:
-        raise TypeError(f"x: expected one of {OUT_DTYPES}, got {x.dtype}")
-    if not isinstance(w_packed, torch.Tensor):
-        raise TypeError(f"w_packed: expected a torch.Tensor from pack_w8a16, got {type(w_packed).__name__}")
-    if w_packed.dtype != torch.uint8 or w_packed.dim() != 1:
-        raise ValueError(f"w_packed: expected a 1-D uint8 tensor from pack_w8a16, got {w_packed.dtype} of shape "
-                         f"{tuple(w_packed.shape)}")
-    if not isinstance(w_scale, torch.Tensor):
-        raise TypeError(f"w_scale: expected a torch.Tensor, got {type(w_scale).__name__}")
-    if w_scale.dtype != torch.float32:
-        raise TypeError(f"w_scale: expected float32, got {w_scale.dtype}")
-    if w_scale.dim() not in (1, 2):
-        raise ValueError(f"w_scale: expected shape (N,) or (N, K // group_size), got {tuple(w_scale.shape)}")
-    K, N = x.shape[-1], w_scale.shape[0]
-    check_bias(bias, N, x.device)
-    if smooth_inv is not None:
-        if not isinstance(smooth_inv, torch.Tensor):
-            raise TypeError(f"smooth_inv: expected a torch.Tensor or None, got {type(smooth_inv).__name__}")
-        if smooth_inv.dtype != torch.float32:
-            raise TypeError(f"smooth_inv: expected float32, got {smooth_inv.dtype}")
-        if tuple(smooth_inv.shape) != (K,):
-            raise ValueError(f"smooth_inv: expected shape ({K},) to match x (..., {K}), got {tuple(smooth_inv.shape)}")
-    for name, t in (("x", x), ("w_packed", w_packed), ("w_scale", w_scale), ("smooth_inv", smooth_inv)):
-        if t is not None:
-            check_cpu(name, t)
+    K, N = check_packed_inputs("pack_w8a16", x, w_packed, w_scale, bias, smooth_inv, scale_dims=(1, 2))
     require_extension("int8_weight_only_linear_packed")
     lead = x.shape[:-1]
     out = native("int8_weight_only_linear_packed_cpu")(
