@@ -81,7 +81,7 @@ FD_INLINE float row_sweeps(const RowParams& rp0, const float* z, const float* y,
   rp.div = DIV;  // constant-folds the switches in fd::row_terms / fd::grad_s
   const float it = rp.inv_t;
   const Softmax os = st.s, ot = st.t, oz = st.z;
-  // delta = log p - log q = (y - z) / T - kd, with the row constant kd taken in double.
+  // delta = log p - log q = (y - z) / T - kd (fd::log_ratio), with the row constant kd taken in double.
   const float kd = (float)(((double)ot.max - os.max) + ((double)ot.log_sum - os.log_sum));
   double D = 0.0, C = 0.0;
   if (fd::needs_row_pass(DIV)) {
@@ -91,8 +91,9 @@ FD_INLINE float row_sweeps(const RowParams& rp0, const float* z, const float* y,
 #pragma omp simd reduction(+ : dsum, csum)
       for (int64_t k = k0; k < k1; ++k) {
         float d, c;
-        fd::row_terms(rp, ot.e[k] * ot.inv_sum, os.e[k] * os.inv_sum, (y[k] * it - ot.max) - ot.log_sum,
-                      (z[k] * it - os.max) - os.log_sum, (y[k] - z[k]) * it - kd, d, c);
+        const float lp = (y[k] * it - ot.max) - ot.log_sum, lq = (z[k] * it - os.max) - os.log_sum;
+        fd::row_terms(rp, ot.e[k] * ot.inv_sum, os.e[k] * os.inv_sum, lp, lq,
+                      fd::log_ratio(lp, lq, (y[k] - z[k]) * it, kd), d, c);
         dsum += d;
         csum += c;
       }
@@ -117,7 +118,7 @@ FD_INLINE float row_sweeps(const RowParams& rp0, const float* z, const float* y,
       } else {
         const float p = ot.e[k] * ot.inv_sum, q = os.e[k] * os.inv_sum;
         const float lp = (y[k] * it - ot.max) - ot.log_sum, lq = (z[k] * it - os.max) - os.log_sum;
-        const float delta = (y[k] - z[k]) * it - kd;
+        const float delta = fd::log_ratio(lp, lq, (y[k] - z[k]) * it, kd);
         if (DIV == fd::KL) {
           float d, c;
           fd::row_terms(rp, p, q, lp, lq, delta, d, c);

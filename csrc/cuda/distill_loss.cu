@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads)
       const float zk = to_f(z[k]), yk = to_f(y[k]);
       const float lp = (__fmul_rn(yk, it) - ot.max) - ot.log_sum, lq = (__fmul_rn(zk, it) - os.max) - os.log_sum;
       float d, c;
-      fd::row_terms(rp, expf(lp), expf(lq), lp, lq, (yk - zk) * it - kd, d, c);
+      fd::row_terms(rp, expf(lp), expf(lq), lp, lq, fd::log_ratio(lp, lq, (yk - zk) * it, kd), d, c);
       D += d;
       C += c;
     }
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads)
         gk = gc * diff;
       } else {
         const float lp = (__fmul_rn(yk, it) - ot.max) - ot.log_sum, lq = (__fmul_rn(zk, it) - os.max) - os.log_sum;
-        const float p = expf(lp), q = expf(lq), delta = (yk - zk) * it - kd;
+        const float p = expf(lp), q = expf(lq), delta = fd::log_ratio(lp, lq, (yk - zk) * it, kd);
         if (rp.div == fd::KL) {
           float d, c;
           fd::row_terms(rp, p, q, lp, lq, delta, d, c);

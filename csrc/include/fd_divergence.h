@@ -72,11 +72,20 @@ FD_HD float log_mix(float a, float log_wa, float b, float log_wb) {
   return mx + log1p_unit(exp_f32(min_f32(x, y) - mx));
 }
 
+// delta = log p - log q of one element from whichever of its two equal forms rounds less:
+// raw - kd, with raw = (teacher - student) / T and kd the row constant (exact where the logits agree
+// far below both maxes, where lp - lq would subtract two large log-probabilities), or lp - lq (exact
+// near a max: where one model spikes to 1e4 and the other does not, raw - kd loses ~1e-3). Each
+// form's rounding error scales with the magnitude of its operands. NaN and infinities come out as
+// from either form.
+FD_HD float log_ratio(float lp, float lq, float raw, float kd) {
+  return fabsf(raw) + fabsf(kd) <= fabsf(lp) + fabsf(lq) ? raw - kd : lp - lq;
+}
+
 // log(m / p) and log(m / q) for the mixture m each divergence compares against, from
-// delta = log(p / q): jsd and skew_kl m = w p + (1-w) q, skew_reverse_kl m = (1-w) p + w q.
-// Working with delta (computed as (teacher - student) / T - row constant) avoids subtracting two
-// large log-probabilities; the exponent stays <= 0 on either side of delta = 0, and an infinite
-// delta (one model has -inf there) still gives the finite ratio on the other side.
+// delta = log(p / q) (log_ratio): jsd and skew_kl m = w p + (1-w) q, skew_reverse_kl m = (1-w) p + w q.
+// The exponent stays <= 0 on either side of delta = 0, and an infinite delta (one model has -inf
+// there) still gives the finite ratio on the other side.
 FD_HD void log_m_ratios(const RowParams& rp, float delta, float& lmp, float& lmq) {
   const bool srkl = rp.div == SKEW_REVERSE_KL;
   const float lwp = srkl ? rp.log_1mw : rp.log_w, lwq = srkl ? rp.log_w : rp.log_1mw;

@@ -46,6 +46,13 @@ def _log_mix(a, log_wa, b, log_wb):
 
 
 @triton.jit
+def _log_ratio(lp, lq, raw, kd):
+    """delta = log p - log q from whichever of raw - kd and lp - lq rounds less; see log_ratio in
+    csrc/include/fd_divergence.h."""
+    return tl.where(tl.abs(raw) + tl.abs(kd) <= tl.abs(lp) + tl.abs(lq), raw - kd, lp - lq)
+
+
+@triton.jit
 def _log_m_ratios(delta, log_w, log_1mw, DIV: tl.constexpr):
     """(log m/p, log m/q) from delta = log p/q; see log_m_ratios in csrc/include/fd_divergence.h."""
     if DIV == SKEW_REVERSE_KL:
@@ -165,7 +172,7 @@ def _distill_loss_kernel(
         m_z = m_s
         ls_z = ls_s
 
-    # delta = log p - log q = (teacher - student) / T - kd: no difference of two large log-probs.
+    # delta = log p - log q = (teacher - student) / T - kd or lp - lq, whichever rounds less (_log_ratio).
     kd = (m_t - m_s) + (ls_t - ls_s)
 
     # Sweep 2: D and C for divergences whose gradient needs them.
@@ -179,8 +186,9 @@ def _distill_loss_kernel(
             mask = offs < V
             z = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
             y = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
-            d, c = _row_terms((y * inv_t - m_t) - ls_t, (z * inv_t - m_s) - ls_s, (y - z) * inv_t - kd,
-                              w, w1m, log_w, log_1mw, DIV)
+            lp = (y * inv_t - m_t) - ls_t
+            lq = (z * inv_t - m_s) - ls_s
+            d, c = _row_terms(lp, lq, _log_ratio(lp, lq, (y - z) * inv_t, kd), w, w1m, log_w, log_1mw, DIV)
             d_acc += tl.where(mask, d, 0.0)
             c_acc += tl.where(mask, c, 0.0)
         D = tl.sum(d_acc, axis=0)
@@ -205,7 +213,7 @@ def _distill_loss_kernel(
             else:
                 lp = (y * inv_t - m_t) - ls_t
                 lq = (z * inv_t - m_s) - ls_s
-                delta = (y - z) * inv_t - kd
+                delta = _log_ratio(lp, lq, (y - z) * inv_t, kd)
                 if DIV == KL:
                     d, c = _row_terms(lp, lq, delta, w, w1m, log_w, log_1mw, DIV)
                     d_acc += tl.where(mask, d, 0.0)
