@@ -149,22 +149,49 @@ def test_a_failing_provider_is_one_row_with_its_error(monkeypatch):
 @pytest.mark.parametrize("isolate, calls", [("case", [["fastdistill-cpu", "eager"]]),
                                              ("provider", ["fastdistill-cpu", "eager"])])
 def test_isolation_modes_spawn_workers_per_case_or_provider(monkeypatch, isolate, calls):
+    """On the CPU each case (or provider) gets a timing worker with glibc's normal heap and a memory worker with
+    exact RSS (MALLOC_MMAP_THRESHOLD_ made sub-ms calls 3-4x slower when timings ran under it)."""
     seen = []
 
-    def fake_worker(module, spec, timeout=1800):
+    def fake_worker(module, spec, timeout=1800, exact_rss=True):
         assert module == runner.WORKER == "fastdistill.bench.worker"
-        seen.append(spec.get("providers") or spec["provider"])
-        timing = {"median_ms": 2.0, "p20_ms": 1.0, "p80_ms": 3.0, "peak_mb": 0.0}
+        seen.append((spec["what"], exact_rss, spec.get("providers") or spec["provider"]))
+        if spec["what"] == "memory":
+            result = lambda p: {"peak_mb": 5.0 if p == "eager" else 1.0}  # noqa: E731
+        else:
+            result = lambda p: {"median_ms": 1.0 if p == "fastdistill-cpu" else 2.0, "p20_ms": 0.5, "p80_ms": 3.0}  # noqa: E731,E501
         if "providers" in spec:
-            return {"results": {p: dict(timing, median_ms=1.0 + i) for i, p in enumerate(spec["providers"])}}
-        return dict(timing, median_ms=1.0 if spec["provider"] == "fastdistill-cpu" else 2.0)
+            return {"results": {p: result(p) for p in spec["providers"]}}
+        return result(spec["provider"])
 
     monkeypatch.setattr(harness, "run_module_worker", fake_worker)
     result = runner.run(["quantize_per_token"], shapes="tiny", providers=["fastdistill-cpu", "eager"], reps=1,
                         isolate=isolate)
-    assert seen == calls and result["isolate"] == isolate
-    assert [(r["provider"], r["ms"], r["ratio"]) for r in result["rows"]] == [("fastdistill-cpu", 1.0, 2.0),
-                                                                              ("eager", 2.0, 1.0)]
+    assert [s[:2] for s in seen if s[0] == "time"] == [("time", False)] * len(calls)
+    assert [s[:2] for s in seen if s[0] == "memory"] == [("memory", True)] * len(calls)
+    assert [s[2] for s in seen if s[0] == "time"] == calls and result["isolate"] == isolate
+    assert [(r["provider"], r["ms"], r["ratio"], r["peak_mb"]) for r in result["rows"]] == [
+        ("fastdistill-cpu", 1.0, 2.0, 1.0), ("eager", 2.0, 1.0, 5.0)]
+
+
+def test_a_failed_memory_worker_leaves_the_peak_unknown(monkeypatch):
+    def fake_worker(module, spec, timeout=1800, exact_rss=True):
+        if spec["what"] == "memory":
+            return {"error": "Killed"}
+        return {"results": {p: {"median_ms": 1.0, "p20_ms": 1.0, "p80_ms": 1.0} for p in spec["providers"]}}
+
+    monkeypatch.setattr(harness, "run_module_worker", fake_worker)
+    rows = runner.run(["quantize_per_token"], shapes="tiny", providers=["eager"], reps=1)["rows"]
+    assert rows[0]["ms"] == 1.0 and rows[0]["peak_mb"] is None
+
+
+@pytest.mark.parametrize("what, keys", [("time", {"median_ms", "p20_ms", "p80_ms"}), ("memory", {"peak_mb"}),
+                                        ("both", {"median_ms", "p20_ms", "p80_ms", "peak_mb"})])
+def test_measure_gives_what_was_asked(what, keys):
+    case = registry.get_cases("quantize_per_token", "cpu", "tiny")[0]
+    assert set(runner.measure(case, "eager", "cpu", 2, what)) == keys
+    with pytest.raises(ValueError, match="^what: expected one of"):
+        runner.measure(case, "eager", "cpu", 2, "speed")
 
 
 def test_a_dead_case_worker_fails_each_of_its_rows(monkeypatch):

@@ -159,9 +159,10 @@ def run_worker(script: str, spec: dict, timeout: int = 1800, exact_rss: bool = T
     return _run_json([script, "--worker", json.dumps(spec)], timeout, exact_rss)
 
 
-def run_module_worker(module: str, spec: dict, timeout: int = 1800) -> dict:
-    """Runs `python -m module '<json spec>'` (works from an installed wheel) and returns its last JSON dict."""
-    return _run_json(["-m", module, json.dumps(spec)], timeout)
+def run_module_worker(module: str, spec: dict, timeout: int = 1800, exact_rss: bool = True) -> dict:
+    """Runs `python -m module '<json spec>'` (works from an installed wheel) and returns its last JSON dict.
+    exact_rss as in run_worker."""
+    return _run_json(["-m", module, json.dumps(spec)], timeout, exact_rss)
 
 
 def _run_json(args: list[str], timeout: int, exact_rss: bool = True) -> dict:

@@ -5,12 +5,15 @@
         "reps", "isolate", "rows"}
 
 Each provider is timed with harness.time_it (median and 20th/80th percentiles over `reps` calls, after the
-untimed calls that compile, autotune and first-touch memory) inside harness.PeakMemory. isolate says where:
-    "case"      (default) one fresh process per case (`python -m fastdistill.bench.worker`) that times its
-                providers in turn: glibc returns every allocation >= 64 KiB to the OS there (harness.run_worker's
-                environment), so each provider's CPU peak is its own; what an earlier provider keeps (compiled code)
-                counts in the base, not in the peak. One interpreter start and inductor warm-up per case.
-    "provider"  a fresh process per (case, provider): nothing shared at all (the slowest).
+untimed calls that compile, autotune and first-touch memory); its peak extra memory is harness.PeakMemory over
+one more call. isolate says where:
+    "case"      (default) one fresh process per case (`python -m fastdistill.bench.worker`) that measures its
+                providers in turn. On the CPU a case takes two: one times with glibc's heap as users run it, one
+                measures memory with every allocation >= 64 KiB returned to the OS (harness.run_worker's
+                exact_rss), so each provider's CPU peak is its own. That setting turns each allocation into
+                mmap + page faults + munmap and made sub-millisecond calls 3-4x slower, hence the split. What an
+                earlier provider keeps (compiled code) counts in the base, not in the peak.
+    "provider"  fresh processes per (case, provider): nothing shared at all (the slowest).
     "none"      this process (fastest; the CPU peak then misses memory that the heap reuses).
 A row: op, case, provider, kind, ms, p20_ms, p80_ms, gbps, tflops, peak_mb, and, against the baselines
 (eager, compile, peers) measured in the same run: baseline (the fastest), ratio (its ms / this ms: > 1 is
@@ -54,14 +57,26 @@ def plan(ops: Optional[Iterable[str]] = None, *, device: str = "cpu", shapes: st
     return [(c, p.name) for c in selected for p in c.providers if wanted is None or p.name in wanted]
 
 
-def measure(case: Case, provider: str, device: str, reps: int) -> dict:
-    """median_ms, p20_ms, p80_ms, peak_mb of one provider on one case, in this process."""
+MEASURES = ("both", "time", "memory")
+
+
+def measure(case: Case, provider: str, device: str, reps: int, what: str = "both") -> dict:
+    """One provider on one case, in this process: median_ms, p20_ms, p80_ms (what "time" or "both") and
+    peak_mb, the peak extra memory of one call (what "memory" or "both")."""
+    if what not in MEASURES:
+        raise ValueError(f"what: expected one of {MEASURES}, got {what!r}")
     fn = case.build(case.params, provider, device)
     for _ in range(2):  # compile, autotune, first touch: outside the measurement
         fn()
-    with harness.PeakMemory(device) as peak:
-        times = harness.time_it(lambda _: fn(), device=device, warmup=1, reps=reps)
-    return {**harness.summarize(times), "peak_mb": peak.extra / 2**20}
+    out = {}
+    if what != "memory":
+        out.update(harness.summarize(harness.time_it(lambda _: fn(), device=device, warmup=1, reps=reps)))
+    if what != "time":
+        with harness.PeakMemory(device) as peak:
+            fn()
+            harness._sync(device)
+        out["peak_mb"] = peak.extra / 2**20
+    return out
 
 
 def measure_spec(spec: dict) -> dict:
@@ -72,7 +87,7 @@ def measure_spec(spec: dict) -> dict:
         return {"results": {p: measure_spec(dict(one, provider=p)) for p in spec["providers"]}}
     try:
         case = find_case(spec["op"], spec["case"], spec["device"], spec["shapes"])
-        return measure(case, spec["provider"], spec["device"], spec["reps"])
+        return measure(case, spec["provider"], spec["device"], spec["reps"], spec.get("what", "both"))
     except Exception as e:  # a provider that cannot run here (peer missing, unsupported shape): one failed row
         return {"error": f"{type(e).__name__}: {' '.join(str(e).split())}"[:300]}
     finally:
@@ -116,6 +131,23 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def _in_workers(base: dict, names: list[str], isolate: str, *, what: str, exact_rss: bool) -> dict:
+    """{provider: result} measured in one worker for the case ("case") or one per provider ("provider")."""
+    spec = dict(base, what=what)
+    if isolate == "provider":
+        return {p: harness.run_module_worker(WORKER, dict(spec, provider=p), exact_rss=exact_rss) for p in names}
+    out = harness.run_module_worker(WORKER, dict(spec, providers=names), exact_rss=exact_rss)
+    results = out.get("results") or {}
+    return {p: results.get(p, out if "error" in out else {"error": "no result"}) for p in names}
+
+
+def _merge(timed: dict, peak: dict) -> dict:
+    """A provider's timing and its memory worker's peak; a failed memory run leaves peak_mb unknown."""
+    if "error" in timed:
+        return timed
+    return {**timed, "peak_mb": peak.get("peak_mb")}
+
+
 def run(ops: Optional[Iterable[str]] = None, *, device: str = "cpu", shapes: str = "small",
         providers: Optional[Iterable[str]] = None, reps: Optional[int] = None, isolate: str = "case",
         progress: Optional[Callable[[dict], None]] = None) -> dict:
@@ -133,13 +165,14 @@ def run(ops: Optional[Iterable[str]] = None, *, device: str = "cpu", shapes: str
     rows = []
     for key, names in groups.items():
         base = dict(op=key[0], case=key[1], device=device, shapes=shapes, reps=reps)
-        if isolate == "case":
-            out = harness.run_module_worker(WORKER, dict(base, providers=names))
-            results = out.get("results") or {p: out for p in names}  # a worker that died: its error on each
-        elif isolate == "provider":
-            results = {p: harness.run_module_worker(WORKER, dict(base, provider=p)) for p in names}
-        else:
+        if isolate == "none":
             results = {p: measure_spec(dict(base, provider=p)) for p in names}
+        elif device == "cpu":  # time with the normal heap, memory with exact RSS (see the module doc)
+            timed = _in_workers(base, names, isolate, what="time", exact_rss=False)
+            peaks = _in_workers(base, names, isolate, what="memory", exact_rss=True)
+            results = {p: _merge(timed[p], peaks[p]) for p in names}
+        else:  # the CUDA allocator's peak does not depend on the heap
+            results = _in_workers(base, names, isolate, what="both", exact_rss=False)
         for p in names:
             rows.append(make_row(cases[key], p, results.get(p, {"error": "no result"})))
             if progress is not None:
