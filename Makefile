@@ -7,7 +7,7 @@ DEPS := $(VENV)/.deps-installed
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 EXT := $(VENV)/.ext-built
 
-.PHONY: demo test test-all bench build check-package clean
+.PHONY: demo test test-all bench bench-check build check-package clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,11 +37,18 @@ test-all: $(EXT)
 check-package: $(DEPS)
 	$(PY) tests/package_check.py
 
-# One table: every op and provider (fastdistill backends, eager, torch.compile, peers) at small shapes on CPU.
-# BENCH_ARGS adds options, e.g. make bench BENCH_ARGS="--op int8_linear --json run.json --chart charts".
-# The per-op scripts (benchmarks/bench_<op>.py) keep writing the CSVs under benchmarks/results.
+# The pytest-benchmark suite over every op and provider (fastdistill backends, eager, torch.compile, peers) at
+# small shapes on CPU; it ends with one table of ratios. BENCH_ARGS adds options, e.g.
+# make bench BENCH_ARGS="--bench-op int8_linear --bench-json run.json --benchmark-json pb.json".
+# `fastdistill bench` (works from a wheel) measures the same cases; the per-op scripts (benchmarks/bench_<op>.py)
+# keep writing the CSVs under benchmarks/results.
 bench: $(EXT)
-	$(PY) -m fastdistill bench --device cpu --shapes small $(BENCH_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks/suite --bench-device cpu --bench-shapes small $(BENCH_ARGS)
+
+# The ratio regression guard (README: Contributing): measures what the committed baseline measured and fails
+# where a fastdistill ratio fell by more than the margin. Not part of `make test`.
+bench-check: $(EXT)
+	$(PY) -m fastdistill bench --check benchmarks/results/bench_cpu_small.json $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastdistill/_C*.so $(EXT)

@@ -73,5 +73,5 @@ step bench_sparse 90 $PY benchmarks/bench_sparse.py --device cuda --kinds bsr 2:
 step bench_int8 90 $PY benchmarks/bench_int8.py --device cuda --out int8_h200 --csv-dir "$OUT"
 # Issue 15: the packaged suite (every op, every provider, llm shapes) in the same format as the CPU run.
 step bench_suite 300 $PY -m fastdistill bench --device cuda --shapes llm --reps 10 --op distill_loss \
-  fused_linear_distill_loss int8_linear int8_weight_only_linear --json "$OUT/bench_h200.json" --chart "$OUT"
+  fused_linear_distill_loss int8_linear int8_weight_only_linear --json "$OUT/bench_cuda_llm.json" --chart "$OUT"
 cat "$summary"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -139,9 +140,33 @@ def _bench(args) -> int:
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
             return _error(f"{option} {path}: {folder} is not a writable directory")
+    baseline = None
+    if args.check:
+        from fastdistill.bench import check
+
+        args.margin = check.DEFAULT_MARGIN if args.margin is None else args.margin
+        try:
+            baseline = report.read_json(args.check)
+        except (OSError, ValueError) as e:
+            return _error(f"--check {args.check}: {getattr(e, 'strerror', None) or e}")
+        if args.against:
+            try:
+                entries = check.compare(baseline, report.read_json(args.against), args.margin)
+            except (OSError, ValueError) as e:
+                return _error(f"--against {args.against}: {getattr(e, 'strerror', None) or e}")
+            print(check.table(entries, args.margin))
+            return 1 if check.failed(entries) else 0
+        # measure what the baseline measured, unless told otherwise
+        args.device = args.device or baseline.get("device")
+        args.shapes = args.shapes or baseline.get("shapes")
+        args.reps = args.reps or baseline.get("reps")
+        args.op = args.op or list(dict.fromkeys(r["op"] for r in baseline["rows"]))
+    elif args.against or args.margin is not None:
+        return _error(f"{'--against' if args.against else '--margin'}: needs --check BASELINE")
     device = args.device or ("cuda" if _cuda_available() else "cpu")
+    shapes = args.shapes or "small"
     try:
-        pairs = runner.plan(args.op, device=device, shapes=args.shapes, providers=args.providers)
+        pairs = runner.plan(args.op, device=device, shapes=shapes, providers=args.providers)
     except ValueError as e:  # runner messages start with the argument's name: op, device, shapes, providers
         return _error(f"--{e}")
     if args.list:
@@ -153,9 +178,18 @@ def _bench(args) -> int:
         took = f"failed: {row['error']}" if "error" in row else f"{row['ms']:.3g} ms"
         print(f"  {row['op']} [{row['case']}] {row['provider']}: {took}", file=sys.stderr, flush=True)
 
-    result = runner.run(args.op, device=device, shapes=args.shapes, providers=args.providers, reps=args.reps,
+    result = runner.run(args.op, device=device, shapes=shapes, providers=args.providers, reps=args.reps,
                         isolate=args.isolate, progress=progress)
     print(report.table(result))
+    status = 0
+    if baseline is not None:
+        try:
+            entries = check.compare(baseline, result, args.margin)
+        except ValueError as e:
+            return _error(f"--check {args.check}: {e}")
+        print()
+        print(check.table(entries, args.margin))
+        status = 1 if check.failed(entries) else 0
     for option, path, write in (("--json", args.json, report.write_json), ("--csv", args.csv, report.write_csv),
                                 ("--chart", args.chart, chart.write_charts)):
         if path:
@@ -164,7 +198,7 @@ def _bench(args) -> int:
             except OSError as e:
                 return _error(f"{option} {path}: {e.strerror or e}")
             print(f"wrote {', '.join(written) if isinstance(written, list) else written}")
-    return 0
+    return status
 
 
 def _cuda_available() -> bool:
@@ -183,11 +217,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
+
+
 def _bench_options(p):
     p.add_argument("--op", nargs="+", metavar="NAME", help="ops to time (default: every op; see --list)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
-    p.add_argument("--shapes", choices=("small", "llm", "tiny"), default="small",
-                   help="small: CPU-sized (default); llm: 8192 x 128256 bf16 losses, 8192^3 GEMMs (the GPU targets); "
+    p.add_argument("--shapes", choices=("small", "llm", "tiny"),
+                   help="small: CPU-sized (default; with --check: the baseline's); llm: 8192 x 128256 bf16 losses, 8192^3 GEMMs (the GPU targets); "
                         "tiny: a smoke test of every provider in seconds")
     p.add_argument("--providers", nargs="+", metavar="NAME",
                    help="only these providers (fastdistill-<backend>, eager, compile, peers such as torch-linear)")
@@ -199,6 +243,12 @@ def _bench_options(p):
     p.add_argument("--csv", metavar="PATH", help="also write the rows as CSV")
     p.add_argument("--json", metavar="PATH", help="also write the run (environment + rows) as JSON")
     p.add_argument("--chart", metavar="DIR", help="also write one PNG bar chart per op here (needs matplotlib)")
+    p.add_argument("--check", metavar="BASELINE",
+                   help="regression guard: measure what this baseline run (a --json file) measured and fail (exit 1) "
+                        "where a fastdistill ratio fell below the baseline's by more than --margin")
+    p.add_argument("--margin", type=_fraction,
+                   help="with --check: the allowed drop of a ratio, as a fraction (default: check.DEFAULT_MARGIN, 0.4)")
+    p.add_argument("--against", metavar="RUN", help="with --check: compare this earlier --json run, measure nothing")
 
 
 def _run_options(p):

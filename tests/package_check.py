@@ -97,10 +97,15 @@ def main() -> int:
     info = run([os.path.join(venv, "bin", "fastdistill"), "info"], cwd=outside, capture_output=True, text=True)
     assert "distill_loss" in info.stdout, info.stdout[-2000:]
     # the benchmark suite ships in the wheel: it runs without the source tree
-    bench = run([os.path.join(venv, "bin", "fastdistill"), "bench", "--op", "quantize_per_token", "--reps", "2"],
-                cwd=outside, capture_output=True, text=True)
+    run_json = os.path.join(outside, "bench.json")
+    bench = run([os.path.join(venv, "bin", "fastdistill"), "bench", "--op", "quantize_per_token", "--reps", "2",
+                 "--json", run_json], cwd=outside, capture_output=True, text=True)
     assert bench.returncode == 0 and "vs best baseline" in bench.stdout and "failed" not in bench.stdout, (
         bench.stdout[-2000:] + bench.stderr[-2000:])
+    # and the regression guard: a run checked against itself
+    guard = run([os.path.join(venv, "bin", "fastdistill"), "bench", "--check", run_json, "--against", run_json],
+                cwd=outside, capture_output=True, text=True)
+    assert guard.returncode == 0 and guard.stdout.rstrip().endswith("OK"), guard.stdout[-2000:] + guard.stderr[-2000:]
     times["smoke test"] = time.time() - start
 
     for step, seconds in times.items():

@@ -62,3 +62,40 @@ def write_charts(result: dict, directory: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def write_summary(result: dict, path: str) -> str:
+    """One PNG for the whole run: per (op, case), fastdistill's fastest provider's speed-up over the fastest
+    baseline of the same run (summary.best_rows; log axis, 1 = as fast)."""
+    why = missing()
+    if why is not None:
+        raise ModuleNotFoundError(f"chart: {why}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastdistill.bench.summary import best_rows
+
+    rows = best_rows(result)
+    if not rows:
+        raise ValueError("result: no case has both a timed fastdistill provider and a timed baseline")
+    labels = [f"{r['op']} [{r['case']}]" for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 0.3 * len(rows) + 1.2))
+    bars = ax.barh(labels, ratios, color=[COLORS["fastdistill"] if x >= 1 else COLORS["peer"] for x in ratios])
+    ax.bar_label(bars, labels=[f"{x:.2f}x vs {r['baseline']}" for x, r in zip(ratios, rows)], fontsize=7, padding=2)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(min(ratios), 1.0) / 2, max(max(ratios), 1.0) * 8)
+    ax.invert_yaxis()
+    ax.tick_params(labelsize=7)
+    env = result.get("environment", {})
+    ax.set_xlabel("fastdistill's speed-up over the fastest baseline of the same run (x, log scale)", fontsize=8)
+    ax.set_title(f"{env.get('device', result.get('device', ''))} | torch {env.get('torch', '')} | "
+                 f"{result.get('shapes', '')} shapes | {env.get('date', '')}", fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -14,7 +14,7 @@ COLUMNS = ("op", "case", "provider", "ms", "GB/s", "TFLOP/s", "peak MB", "vs bes
 FORMAT_VERSION = 1
 
 
-def _num(v, digits: int = 3) -> str:
+def fmt_num(v, digits: int = 3) -> str:
     if not isinstance(v, (int, float)) or not math.isfinite(v):
         return ""
     return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
@@ -24,11 +24,24 @@ def _cells(row: dict) -> list[str]:
     if "error" in row:
         timing = ["failed", "", "", ""]
     else:
-        timing = [_num(row.get("ms")), _num(row.get("gbps")), _num(row.get("tflops")),
+        timing = [fmt_num(row.get("ms")), fmt_num(row.get("gbps")), fmt_num(row.get("tflops")),
                   "" if row.get("peak_mb") is None else f"{row['peak_mb']:.1f}"]
     ratio = row.get("ratio")
-    vs = f"{_num(ratio)}x {row['baseline']}" if ratio is not None and "error" not in row else ""
+    vs = f"{fmt_num(ratio)}x {row['baseline']}" if ratio is not None and "error" not in row else ""
     return [row["op"], row["case"], row["provider"], *timing, vs]
+
+
+def text_table(columns, lines: list[list[str]], numeric: set[int]) -> list[str]:
+    """Header, rule and one padded line per row; the `numeric` columns right-aligned."""
+    lines = [list(columns)] + lines
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    out = []
+    for n, line in enumerate(lines):
+        out.append("  ".join(c.rjust(w) if i in numeric and n else c.ljust(w)
+                             for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
 
 
 def table(result: dict) -> str:
@@ -39,15 +52,7 @@ def table(result: dict) -> str:
             f"triton {env.get('triton') or '-'} | fastdistill {env.get('fastdistill', '')} | "
             f"shapes {result.get('shapes', '')}, {result.get('reps', '')} reps"
             f"{', in-process' if result.get('isolate') == 'none' else ''}")
-    lines = [list(COLUMNS)] + [_cells(r) for r in result["rows"]]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    numeric = {3, 4, 5, 6}
-    out = [head]
-    for n, line in enumerate(lines):
-        out.append("  ".join(c.rjust(w) if i in numeric and n else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(line, widths))).rstrip())
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
+    out = [head, *text_table(COLUMNS, [_cells(r) for r in result["rows"]], numeric={3, 4, 5, 6})]
     failed = [r for r in result["rows"] if "error" in r]
     if failed:
         out.append("")
