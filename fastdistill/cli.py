@@ -231,8 +231,8 @@ def _bench_options(p):
     p.add_argument("--op", nargs="+", metavar="NAME", help="ops to time (default: every op; see --list)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--shapes", choices=("small", "llm", "tiny"),
-                   help="small: CPU-sized (default; with --check: the baseline's); llm: 8192 x 128256 bf16 losses, 8192^3 GEMMs (the GPU targets); "
-                        "tiny: a smoke test of every provider in seconds")
+                   help="small: CPU-sized (default; with --check: the baseline's); llm: 8192 x 128256 bf16 losses, "
+                        "8192^3 GEMMs (the GPU targets); tiny: a smoke test of every provider in seconds")
     p.add_argument("--providers", nargs="+", metavar="NAME",
                    help="only these providers (fastdistill-<backend>, eager, compile, peers such as torch-linear)")
     p.add_argument("--reps", type=_positive_int, help="timed calls per provider (default: 5 on CPU, 20 on CUDA)")
@@ -247,7 +247,7 @@ def _bench_options(p):
                    help="regression guard: measure what this baseline run (a --json file) measured and fail (exit 1) "
                         "where a fastdistill ratio fell below the baseline's by more than --margin")
     p.add_argument("--margin", type=_fraction,
-                   help="with --check: the allowed drop of a ratio, as a fraction (default: check.DEFAULT_MARGIN, 0.4)")
+                   help="with --check: the allowed drop of a ratio, as a fraction (default 0.4: check.DEFAULT_MARGIN)")
     p.add_argument("--against", metavar="RUN", help="with --check: compare this earlier --json run, measure nothing")
 
 

@@ -156,10 +156,11 @@ def test_isolation_modes_spawn_workers_per_case_or_provider(monkeypatch, isolate
     def fake_worker(module, spec, timeout=1800, exact_rss=True):
         assert module == runner.WORKER == "fastdistill.bench.worker"
         seen.append((spec["what"], exact_rss, spec.get("providers") or spec["provider"]))
-        if spec["what"] == "memory":
-            result = lambda p: {"peak_mb": 5.0 if p == "eager" else 1.0}  # noqa: E731
-        else:
-            result = lambda p: {"median_ms": 1.0 if p == "fastdistill-cpu" else 2.0, "p20_ms": 0.5, "p80_ms": 3.0}  # noqa: E731,E501
+        def result(p):
+            if spec["what"] == "memory":
+                return {"peak_mb": 5.0 if p == "eager" else 1.0}
+            return {"median_ms": 1.0 if p == "fastdistill-cpu" else 2.0, "p20_ms": 0.5, "p80_ms": 3.0}
+
         if "providers" in spec:
             return {"results": {p: result(p) for p in spec["providers"]}}
         return result(spec["provider"])

@@ -16,7 +16,7 @@ import math
 
 from fastdistill.bench.report import fmt_num, text_table
 
-# Same code, idle 2-core dev machine, 3 runs of the small CPU suite: the worst drop of a row's change was 23% (a
+# Same code, idle 2-core dev machine, 4 runs of the small CPU suite: the worst drop of a row's change was 24% (a
 # single baseline's ratio from medians dropped 48%). 0.4 keeps clear of that; a kernel 1.7x slower fails.
 DEFAULT_MARGIN = 0.4
 FAILING = ("slower", "missing", "failed", "no baseline")
